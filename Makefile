@@ -1,0 +1,38 @@
+# The two commands of the README: `make test` and `make reproduce`. Each installs first when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# tiny on a machine without a GPU, small on one with a GPU; override: make reproduce SCALE=paper
+SCALE  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo small || echo tiny)
+
+.PHONY: install test test-gpu reproduce bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu
+
+reproduce: install
+	$(BIN)/gnsrepro prepare data=pycode
+	$(BIN)/gnsrepro train scale=$(SCALE) out_dir=outputs/reproduce-$(SCALE) resume=true
+
+bench: install
+	$(BIN)/gnsrepro bench layernorm
+	$(BIN)/gnsrepro bench train model=111M
+	$(BIN)/gnsrepro bench overhead model=111M
+
+lint: install
+	$(BIN)/ruff check gnsrepro tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

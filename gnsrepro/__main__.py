@@ -1,0 +1,3 @@
+from gnsrepro.cli import main
+
+main()

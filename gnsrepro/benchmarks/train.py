@@ -1,0 +1,130 @@
+"""Training-step throughput: `gnsrepro bench train` (tokens/s, MFU) and `gnsrepro bench overhead`.
+
+Both time the real training step (the model, per-example-norm layers and GNS tracker that `train`
+uses) on random tokens, bf16 autocast and torch.compile by default, with CUDA synchronisation only
+around the timed block. MFU counts 6N + 12·L·d·T FLOPs per token (GPT.flops_per_token) against the
+device's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from contextlib import nullcontext
+from datetime import date
+
+import torch
+
+from gnsrepro.errors import ConfigError
+from gnsrepro.gns_tracker import GNSTracker
+from gnsrepro.train import DTYPES, build_model, clip_by_total_norm, grad_sqnorms, make_optimizer, peak_flops
+
+OVERHEAD_VARIANTS = (  # (label, gns.mode, gns.method, gns.ln_backend)
+    ("off", "off", "auto", "auto"),
+    ("ln torch", "ln", "auto", "torch"),
+    ("ln triton", "ln", "auto", "triton"),
+    ("all simultaneous", "all", "simultaneous", "auto"),
+    ("all ghost", "all", "ghost", "auto"),
+)
+
+
+def _device(cfg) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def time_steps(cfg, gns_cfg, device: torch.device) -> dict:
+    """Median step time over cfg.steps steps (after cfg.warmup) of forward, backward, GNS and AdamW."""
+    from gnsrepro.config import OptimConfig
+
+    torch.manual_seed(0)
+    seq_len = cfg.seq_len or cfg.model.block_size
+    model, collector = build_model(cfg.model, gns_cfg, device)
+    optimizer = make_optimizer(model, OptimConfig(), device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tracker = None
+    if collector is not None:
+        collector.attach(cfg.micro_batch_size)
+        tracker = GNSTracker(model, collector)
+    run = torch.compile(model) if cfg.compile else model
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    x = torch.randint(0, 50257, (cfg.micro_batch_size, seq_len), device=device)
+    y = torch.randint(0, 50257, (cfg.micro_batch_size, seq_len), device=device)
+
+    def step():
+        if tracker is not None:
+            tracker.begin_step()
+        with autocast:
+            _, loss = run(x, y)
+        loss.backward()
+        sq = grad_sqnorms(params)
+        clip_by_total_norm(params, sq, 1.0)
+        if tracker is not None:
+            tracker.end_step(cfg.micro_batch_size, cfg.micro_batch_size, sq)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(cfg.warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(cfg.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if tracker is not None:
+            tracker.drain()  # outside the timed block: training fetches once per log interval
+    median = statistics.median(times)
+    tok_s = cfg.micro_batch_size * seq_len / median
+    peak = peak_flops(device)
+    mfu = model.flops_per_token(seq_len) * tok_s / peak if peak else float("nan")
+    del model, optimizer, run, tracker, collector
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"step_time_s": median, "tokens_per_s": tok_s, "mfu": mfu}
+
+
+def _header(device: torch.device) -> str:
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"device {name} | torch {torch.__version__} | triton {triton.__version__} | {date.today().isoformat()}"
+
+
+def bench_train(cfg) -> dict:
+    device = _device(cfg)
+    seq_len = cfg.seq_len or cfg.model.block_size
+    if seq_len > cfg.model.block_size:
+        raise ConfigError(f"seq_len={seq_len} is longer than the model's context model.block_size={cfg.model.block_size}")
+    print(_header(device))
+    r = time_steps(cfg, cfg.gns, device)
+    print(f"bench train: model {cfg.model.name} | seq_len {seq_len} | micro-batch {cfg.micro_batch_size} | "
+          f"compile {cfg.compile} | gns={cfg.gns.mode}")
+    print(f"  step {1e3 * r['step_time_s']:.1f} ms | {r['tokens_per_s']:,.0f} tokens/s | MFU {100 * r['mfu']:.1f}%")
+    return r
+
+
+def bench_overhead(cfg) -> list[dict]:
+    device = _device(cfg)
+    seq_len = cfg.seq_len or cfg.model.block_size
+    print(_header(device))
+    print(f"bench overhead: model {cfg.model.name} | seq_len {seq_len} | micro-batch {cfg.micro_batch_size} | "
+          f"compile {cfg.compile} | median of {cfg.steps} steps after {cfg.warmup}")
+    results = []
+    for label, mode, method, backend in OVERHEAD_VARIANTS:
+        if backend == "triton" and device.type != "cuda":
+            continue
+        g = copy.deepcopy(cfg.gns)
+        g.mode, g.method, g.ln_backend = mode, method, backend
+        r = time_steps(cfg, g, device)
+        r["variant"] = label
+        results.append(r)
+        base = results[0]["step_time_s"]
+        print(f"  {label:<18} step {1e3 * r['step_time_s']:8.1f} ms | {r['tokens_per_s']:>11,.0f} tokens/s | "
+              f"x{r['step_time_s'] / base:.3f} of gns=off", flush=True)
+    return results

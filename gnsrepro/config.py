@@ -1,0 +1,139 @@
+"""Typed configuration schemas.
+
+Every Hydra config under conf/ is merged into these dataclasses (stored in Hydra's ConfigStore), so a
+misspelt key or a wrong type fails when the config is composed, before any data is read. Value checks
+that a type cannot express (a positive learning rate, a known model name) live in `validate_*` and run
+right after composition, also before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    """GPT shape, with nanoGPT's field names."""
+
+    name: str = "tiny"
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    block_size: int = 128
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    bias: bool = True
+    dropout: float = 0.0
+    # blocks whose attention L2-normalises query and key (the paper's stability fix: [0])
+    cosine_attn_blocks: list[int] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    """A corpus and where its prepared token files live (data_dir/name/{train,val}.bin)."""
+
+    name: str = "pycode"  # pycode | openwebtext | textdir
+    path: Optional[str] = None  # source: a directory (textdir), or a local OpenWebText copy
+    data_dir: str = "data"
+    max_bytes: int = 64_000_000  # pycode: byte budget of Python source read
+    val_fraction: float = 0.005  # share of documents held out for validation
+    num_proc: int = 0  # tokenisation processes; 0 = one per CPU core
+    hf_dataset: str = "Skylion007/openwebtext"  # openwebtext when online
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule, counted in tokens."""
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # linear decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.1  # on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    warmup_tokens: int = 0
+    decay_tokens: Optional[int] = None  # where the decay reaches its floor; None = end of the run
+
+
+@dataclass
+class ScheduleConfig:
+    """Batch size (sequences per optimizer step), asked for at every step."""
+
+    name: str = "constant"  # constant
+    batch_size: int = 8
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+
+
+@dataclass
+class GNSConfig:
+    """What is instrumented for per-example gradient norms and how GNS is reported."""
+
+    mode: str = "off"  # off | ln | all
+    method: str = "auto"  # Linear layers: simultaneous | ghost | auto (by the cost model)
+    ln_backend: str = "auto"  # torch | triton | auto (triton on CUDA, torch on CPU)
+    ema_alpha: float = 0.99  # console smoothing only; the logs keep raw components
+    per_layer: bool = False  # also log one row per parameter
+    chunk_size: int = 0  # examples per chunk in the simultaneous method; 0 = automatic
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    gns: GNSConfig = field(default_factory=GNSConfig)
+    run_name: str = "run"
+    out_dir: Optional[str] = None  # default: outputs/<run_name>
+    seq_len: Optional[int] = None  # default: model.block_size
+    max_steps: Optional[int] = None
+    max_tokens: Optional[int] = None
+    eval_interval: int = 100  # steps; 0 disables
+    eval_batches: int = 8
+    log_interval: int = 10
+    checkpoint_interval: int = 100  # steps; 0 = only at the end
+    resume: bool = False
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    prepare_missing: bool = True  # prepare the data set when its token files are missing
+
+
+@dataclass
+class PrepareConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class BenchConfig:
+    target: str = "train"  # train | overhead | layernorm
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gns: GNSConfig = field(default_factory=GNSConfig)
+    seq_len: Optional[int] = None
+    micro_batch_size: int = 16
+    steps: int = 20
+    warmup: int = 5
+    compile: bool = True
+    dtype: str = "auto"
+    device: str = "auto"
+    out: Optional[str] = None  # parquet written here when given (layernorm: outputs/bench/layernorm.parquet)
+
+
+@dataclass
+class CostConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seq_len: Optional[int] = None  # default: model.block_size
+    batch_size: int = 1
+    bytes_per_element: int = 2
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="bench_schema", node=BenchConfig)
+    cs.store(name="cost_schema", node=CostConfig)

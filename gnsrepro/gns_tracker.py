@@ -1,0 +1,185 @@
+"""Per-step GNS components from three sources of small-batch gradients, reduced on the device.
+
+For every optimizer step the tracker records, per parameter group, the squared norm of the big-batch
+gradient |G_Bbig|² (B_big = the global batch) and the mean squared norm of small-batch gradients
+|G_Bsmall|² from each source (PAPER.md, "Gradient noise scale"):
+
+- per_example (B_small = 1): |g_b|² from the instrumented layers' sinks (gnsrepro.pegn), summed over
+  every example of every micro-batch on every rank.
+- microbatch (B_small = micro-batch size): the gradient of each gradient-accumulation micro-batch, read
+  as the change of p.grad across its backward pass; needs two or more micro-batches per step.
+- ddp (B_small = the per-rank batch): each rank's local gradient before DDP's all-reduce, read in a DDP
+  communication hook; needs two or more ranks.
+
+Nothing here calls .item(): each step leaves one small device tensor, and the host fetches the tensors
+of a whole log interval at once (`drain`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from gnsrepro.gns import PARAM_GROUPS, group_of
+
+SOURCES = ("per_example", "microbatch", "ddp")
+
+
+@dataclass(frozen=True)
+class Row:
+    """Which column of the per-step tensor is logged under which (source, group) name."""
+
+    source: str
+    group: str
+    column: int
+
+
+class GNSTracker:
+    def __init__(
+        self,
+        model: nn.Module,
+        collector=None,
+        micro_steps: int = 1,
+        world_size: int = 1,
+        per_layer: bool = False,
+    ):
+        """model: the unwrapped model; collector: a gnsrepro.pegn.PerExampleNorms, or None."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.collector = collector
+        self.world_size = world_size
+        self.micro_steps = micro_steps
+        device = self.params[0].device
+        P, G = len(self.params), len(PARAM_GROUPS)
+        group_ids = [PARAM_GROUPS.index(group_of(n)) for n in self.names]
+        self._group_index = torch.tensor(group_ids, device=device)
+        # columns of a step's tensor: the groups, then "total", then (optionally) one per parameter
+        self._n_columns = G + 1 + (P if per_layer else 0)
+        self.per_layer = per_layer
+
+        self.sources = []
+        if collector is not None:
+            self.sources.append("per_example")
+            position = {n: i for i, n in enumerate(self.names)}
+            self._pe_index = torch.tensor([position[n] for n in collector.names], device=device)
+            self._pe_covered = set(collector.names)
+        if micro_steps > 1:
+            self.sources.append("microbatch")
+        if world_size > 1:
+            self.sources.append("ddp")
+        self.rows = self._rows(group_ids)
+        self._steps: list[torch.Tensor] = []
+        if micro_steps > 1:
+            self._prev = [torch.zeros_like(p) for p in self.params]
+        self._micro_sq = torch.zeros(P, device=device)
+        self._local_sq = torch.zeros(P, device=device)
+        self._position = {id(p): i for i, p in enumerate(self.params)}
+        self._last_micro = False
+        self._bucket_index: dict[int, torch.Tensor] = {}
+
+    def _rows(self, group_ids: list[int]) -> list[Row]:
+        """(source, group) pairs whose every parameter the source sees; per_example may cover only LN."""
+        rows = []
+        for s in self.sources:
+            covered = self._pe_covered if s == "per_example" else set(self.names)
+            for g, group in enumerate(PARAM_GROUPS):
+                members = {n for n, gi in zip(self.names, group_ids) if gi == g}
+                if members and members <= covered:
+                    rows.append(Row(s, group, g))
+            if covered == set(self.names):
+                rows.append(Row(s, "total", len(PARAM_GROUPS)))
+            if self.per_layer:
+                rows += [Row(s, n, len(PARAM_GROUPS) + 1 + i) for i, n in enumerate(self.names) if n in covered]
+        return rows
+
+    # ---- during the step -------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        self._micro_sq.zero_()
+        self._local_sq.zero_()
+        if self.micro_steps > 1:
+            torch._foreach_zero_(self._prev)
+
+    def before_backward(self, micro: int) -> None:
+        self._last_micro = micro == self.micro_steps - 1
+
+    def after_backward(self, micro: int) -> None:
+        """Record micro-batch `micro`'s gradient as the change of p.grad (unless the DDP hook did)."""
+        if self.micro_steps == 1 or (self.world_size > 1 and self._last_micro):
+            return
+        grads = [p.grad for p in self.params]
+        deltas = torch._foreach_sub(grads, self._prev)
+        self._micro_sq += torch.stack(torch._foreach_norm(deltas)) ** 2
+        torch._foreach_copy_(self._prev, grads)
+
+    def ddp_comm_hook(self, process_group, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        """DDP hook: note each rank's local gradient (and the last micro-batch's change), then all-reduce.
+
+        The bucket holds this rank's gradient summed over its micro-batches before averaging, which is
+        the local-batch gradient of the ddp source. Register with ddp.register_comm_hook(None, hook).
+        """
+        grads = bucket.gradients()
+        positions = [self._position[id(p)] for p in bucket.parameters()]
+        if bucket.index() not in self._bucket_index:  # host-to-device once per bucket, never back
+            self._bucket_index[bucket.index()] = torch.tensor(positions, device=grads[0].device)
+        index = self._bucket_index[bucket.index()]
+        self._local_sq.index_add_(0, index, torch.stack(torch._foreach_norm(grads)) ** 2)
+        if self.micro_steps > 1:
+            prev = [self._prev[i] for i in positions]
+            deltas = torch._foreach_sub(grads, prev)
+            self._micro_sq.index_add_(0, index, torch.stack(torch._foreach_norm(deltas)) ** 2)
+        group = process_group if process_group is not None else dist.group.WORLD
+        buffer = bucket.buffer().div_(self.world_size)
+        return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+    def end_step(self, batch_size: int, micro_batch_size: int, grad_sq: torch.Tensor) -> None:
+        """Close the step: grad_sq (P,) holds |p.grad|² of the all-reduced, unclipped gradient."""
+        small = []
+        if "per_example" in self.sources:
+            n_local = batch_size // self.world_size  # the loss is a mean over this rank's examples
+            per_param = torch.zeros_like(grad_sq)
+            per_param[self._pe_index] = self.collector.stacked(n_local).sum(dim=1)
+            small.append(per_param)  # summed over examples; all-reduced and divided by B below
+        if "microbatch" in self.sources:
+            small.append(self._micro_sq * self.micro_steps**2)  # micro-batch k's mean gradient is m·Δ_k
+        if "ddp" in self.sources:
+            small.append(self._local_sq.clone())
+        if not small:
+            return
+        small_t = torch.stack(small)  # (S, P)
+        if self.world_size > 1:
+            dist.all_reduce(small_t)
+        divisor = []
+        for s in self.sources:
+            divisor.append({"per_example": batch_size, "microbatch": self.micro_steps * self.world_size,
+                            "ddp": self.world_size}[s])
+        small_t = small_t / torch.tensor(divisor, device=small_t.device, dtype=small_t.dtype)[:, None]
+        big_t = grad_sq.expand_as(small_t)
+        both = torch.stack([small_t, big_t], dim=1)  # (S, 2, P)
+        self._steps.append(self._columns(both))
+        if self.collector is not None:
+            self.collector.zero()
+
+    def _columns(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, 2, P) per-parameter values -> (S, 2, columns): group sums, total, per-parameter."""
+        S = x.shape[0]
+        groups = torch.zeros(S, 2, len(PARAM_GROUPS), device=x.device, dtype=x.dtype)
+        groups.index_add_(2, self._group_index, x)
+        parts = [groups, x.sum(dim=2, keepdim=True)]
+        if self.per_layer:
+            parts.append(x)
+        return torch.cat(parts, dim=2)
+
+    def b_small(self, source: str, batch_size: int, micro_batch_size: int) -> int:
+        return {"per_example": 1, "microbatch": micro_batch_size, "ddp": batch_size // self.world_size}[source]
+
+    def drain(self) -> torch.Tensor | None:
+        """The (steps, S, 2, columns) values since the last drain, on the host (one transfer)."""
+        if not self._steps:
+            return None
+        out = torch.stack(self._steps).cpu()
+        self._steps = []
+        return out

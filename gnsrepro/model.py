@@ -1,0 +1,198 @@
+"""A nanoGPT-style GPT: pre-LayerNorm, learned positions, GELU MLP of 4d, biases, tied embeddings.
+
+The layer classes are passed in (`Layers`), so per-example-norm instrumented layers replace the plain
+ones without touching any forward(). Read top to bottom: LayerNorm -> attention -> MLP -> Block ->
+config -> GPT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's cannot drop only the bias)."""
+
+    def __init__(self, ndim: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class TiedEmbedding(nn.Module):
+    """Token embedding whose weight is also the output head (GPT-2's weight tying).
+
+    `forward(idx)` embeds token ids; `unembed(x)` gives logits x @ Wᵀ with the same weight. One module
+    owns both uses so that an instrumented version can see the whole gradient of the shared weight.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The classes a GPT is built from; pegn.instrumented_layers() returns per-example-norm ones."""
+
+    linear: type[nn.Module] = nn.Linear  # linear(in_features, out_features, bias=...)
+    layer_norm: type[nn.Module] = LayerNorm  # layer_norm(ndim, bias=...)
+    embedding: type[nn.Module] = nn.Embedding  # position embedding: embedding(num, dim)
+    tied_embedding: type[nn.Module] = TiedEmbedding  # token embedding + output head
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layers: Layers, cosine: bool = False):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = layers.linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = layers.linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # Cosine attention: unit-length q and k, logits cos(q, k) * sqrt(head_dim), i.e. the range that
+        # sdpa's default 1/sqrt(head_dim) scale gives unit-variance q, k. Bounded logits cannot blow up.
+        self.cosine = cosine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()  # batch, sequence, embedding
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        scale = None
+        if self.cosine:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            scale = math.sqrt(hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, scale=scale
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig, layers: Layers):
+        super().__init__()
+        self.c_fc = layers.linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = layers.linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layers: Layers, cosine: bool = False):
+        super().__init__()
+        self.ln_1 = layers.layer_norm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layers, cosine=cosine)
+        self.ln_2 = layers.layer_norm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config, layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    cosine_attn_blocks: tuple[int, ...] = field(default_factory=tuple)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, layers: Layers = Layers()):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=layers.tied_embedding(config.vocab_size, config.n_embd),
+                wpe=layers.embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(
+                    [Block(config, layers, cosine=i in config.cosine_attn_blocks) for i in range(config.n_layer)]
+                ),
+                ln_f=layers.layer_norm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.Embedding, TiedEmbedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; the tied weight counted once. non_embedding drops the position table."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        B, T = idx.size()  # batch, sequence
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        # (B, T), not (T,): the position embedding then sees each example's own gradient
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device).expand(B, T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is None:  # inference: logits of the last position only
+            return self.transformer.wte.unembed(x[:, [-1], :]), None
+        logits = self.transformer.wte.unembed(x)
+        # mean over all B*T tokens: example b's gradient is that of its own mean token loss, over B
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM, appendix B).
+
+        N counts every matrix that a token's activations multiply, the output head included and the
+        embedding lookups excluded.
+        """
+        c = self.config
+        n_matmul = self.num_params() - self.transformer.wpe.weight.numel()
+        return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: weight decay on matrices (dim >= 2) only, not on biases and LayerNorm gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]

@@ -1,0 +1,271 @@
+"""The training loop end to end on CPU: configs, errors, logs, resume after a kill, DDP equivalence."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from gnsrepro.cli import conf_dir
+from gnsrepro.config import register_configs
+from gnsrepro.errors import ConfigError
+from gnsrepro.logs import ParquetLog
+from gnsrepro.model import GPT
+from gnsrepro.train import gpt_config, lr_at, train
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = Path(conf_dir())
+METRIC_COLUMNS = ["step", "tokens", "batch_size", "lr", "loss", "val_loss", "step_time_s", "tokens_per_s", "mfu"]
+GNS_COLUMNS = ["step", "tokens", "group", "source", "b_big", "b_small", "sqnorm_big", "sqnorm_small", "gtg", "trsigma"]
+
+
+def make_cfg(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A small pycode corpus prepared once for the whole session."""
+    from gnsrepro.config import DataConfig
+    from gnsrepro.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    prepare(DataConfig(name="pycode", data_dir=str(root), max_bytes=1_500_000, num_proc=2))
+    return root
+
+
+def tiny(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["model=tiny", "data=pycode", f"data.data_dir={data_dir}", "data.max_bytes=1500000", f"out_dir={out}",
+            "seq_len=32", "schedule.batch_size=8", "schedule.micro_batch_size=4", "optim.lr=3e-3",
+            "eval_batches=2", "log_interval=5", *extra]
+
+
+def run_cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "gnsrepro", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=600, **kw)
+
+
+# ---- configs ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_named_model_sizes_within_two_percent(name):
+    cfg = make_cfg(f"model={name}")
+    if name == "tiny":
+        pytest.skip("tiny is not named by a parameter count")
+    nominal = float(name[:-1]) * {"M": 1e6, "B": 1e9}[name[-1]]
+    with torch.device("meta"):
+        n = GPT(gpt_config(cfg.model)).num_params()
+    assert abs(n / nominal - 1) < 0.02, f"{name}: {n / 1e6:.2f}M parameters"
+
+
+@pytest.mark.parametrize("choice", [f"experiment={p.stem}" for p in (CONF / "experiment").glob("*.yaml")]
+                         + [f"scale={p.stem}" for p in (CONF / "scale").glob("*.yaml")])
+def test_every_experiment_and_scale_composes_and_runs_two_steps(choice, data_dir, tmp_path):
+    from gnsrepro.train import validate
+
+    cfg = make_cfg(choice)
+    validate(cfg)  # the real settings are valid
+    # two CPU steps of the same recipe, shrunk to the tiny model
+    small = make_cfg(choice, *tiny(data_dir, tmp_path / "run", "max_steps=2", "max_tokens=null", "compile=false",
+                                   "data.name=pycode", "optim.decay_tokens=null"))
+    out = train(small)
+    assert len(pd.read_parquet(out / "metrics.parquet")) == 2
+
+
+def test_typo_fails_at_compose():
+    with pytest.raises(Exception, match="n_layr"):
+        make_cfg("model.n_layr=3")
+
+
+# ---- bad settings: one line before any work ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("schedule.batch_size=10", "schedule.batch_size=10 must be a multiple of schedule.micro_batch_size"),
+        ("seq_len=4096", "seq_len=4096 is longer than the model's context model.block_size=128"),
+        ("optim.lr=0", "optim.lr=0.0 must be a positive number"),
+        ("optim.lr=-1e-3", "must be a positive number"),
+        ("max_steps=0", "max_steps=0 must be a positive integer"),
+        ("max_steps=null", "set max_steps=N or max_tokens=N"),
+        ("data.name=imagenet", "data='imagenet' is not known; accepted: pycode, openwebtext, textdir"),
+        ("gns.mode=some", "gns='some' is not known; accepted: off, ln, all"),
+        ("data=textdir", "data=textdir needs data.path=DIR"),
+    ],
+)
+def test_bad_setting_is_rejected_before_any_work(override, message, tmp_path):
+    cfg = make_cfg("max_steps=5", f"data.data_dir={tmp_path / 'nodata'}", f"out_dir={tmp_path / 'run'}", override)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        train(cfg)
+    assert not (tmp_path / "nodata").exists() and not (tmp_path / "run").exists()
+
+
+def test_cli_error_is_one_line(tmp_path):
+    r = run_cli(["train", "schedule.batch_size=10", "max_steps=3", f"out_dir={tmp_path}/run"])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "gnsrepro train: error: schedule.batch_size=10 must be a multiple of schedule.micro_batch_size x world size "
+        "= 8 x 1 = 8"
+    ]
+
+
+def test_cli_unknown_model_names_the_options(tmp_path):
+    r = run_cli(["train", "model=bogus", "max_steps=3"])
+    assert r.returncode != 0 and "model/bogus" in r.stderr and "111M" in r.stderr
+
+
+def test_missing_data_without_prepare_prints_the_command(tmp_path):
+    cfg = make_cfg(*tiny(tmp_path / "empty", tmp_path / "run", "max_steps=2", "prepare_missing=false"))
+    from gnsrepro.data.prepare import DataError
+
+    with pytest.raises(DataError, match="gnsrepro prepare data=pycode"):
+        train(cfg)
+
+
+# ---- schedule and logs -------------------------------------------------------------------------------
+def test_lr_warmup_then_linear_decay_to_a_tenth():
+    o = make_cfg("optim.lr=1.0", "optim.warmup_tokens=100", "optim.decay_tokens=1100").optim
+    assert lr_at(0, o, 10**9) == pytest.approx(1 / 101)
+    assert lr_at(99, o, 10**9) == pytest.approx(100 / 101)
+    assert lr_at(100, o, 10**9) == pytest.approx(1.0)
+    assert lr_at(600, o, 10**9) == pytest.approx(0.55)
+    assert lr_at(1100, o, 10**9) == pytest.approx(0.1)
+    assert lr_at(5000, o, 10**9) == pytest.approx(0.1)
+
+
+def test_parquet_log_drops_rows_after_the_resumed_step(tmp_path):
+    log = ParquetLog(tmp_path / "m.parquet")
+    log.append([{"step": s, "loss": float(s)} for s in range(1, 8)])
+    log.flush()
+    resumed = ParquetLog(tmp_path / "m.parquet", resume_step=5)
+    assert pd.read_parquet(tmp_path / "m.parquet")["step"].tolist() == [1, 2, 3, 4, 5]
+    resumed.append([{"step": 6, "loss": 6.5}])
+    resumed.flush()
+    assert pd.read_parquet(tmp_path / "m.parquet")["loss"].tolist() == [1, 2, 3, 4, 5, 6.5]
+
+
+# ---- end to end -------------------------------------------------------------------------------------
+def test_cli_tiny_run_logs_schema_and_falling_loss(data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(["train", *tiny(data_dir, out, "max_steps=40", "gns=all", "eval_interval=20")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "parameters" in r.stdout and "tok/s" in r.stdout and "gns" in r.stdout
+    m = pd.read_parquet(out / "metrics.parquet")
+    assert list(m.columns) == METRIC_COLUMNS
+    assert m["step"].tolist() == list(range(1, 41))
+    assert m["tokens"].iloc[-1] == 40 * 8 * 32
+    assert m["loss"].head(5).mean() > m["loss"].tail(5).mean() + 0.5
+    assert m["val_loss"].notna().sum() == 2
+    g = pd.read_parquet(out / "gns.parquet")
+    assert list(g.columns) == GNS_COLUMNS
+    assert set(g["source"]) == {"per_example", "microbatch"}
+    for source in ("per_example", "microbatch"):
+        assert set(g[g.source == source]["group"]) == {"attention", "mlp", "layernorm", "embedding", "total"}
+    assert len(g) == 40 * 10
+    pe = g[g.source == "per_example"]
+    assert (pe["b_small"] == 1).all() and (pe["b_big"] == 8).all()
+    assert (g[g.source == "microbatch"]["b_small"] == 4).all()
+    # per-example mean |g_b|² exceeds the batch gradient's |G_B|² (E|g_b|² = |G|² + trΣ)
+    assert (pe["sqnorm_small"] > pe["sqnorm_big"]).mean() > 0.9
+    # the total is the sum of the groups
+    wide = pe.pivot(index="step", columns="group", values="sqnorm_small")
+    parts = wide[["attention", "mlp", "layernorm", "embedding"]].sum(axis=1)
+    assert (parts - wide["total"]).abs().max() <= 1e-5 * wide["total"].abs().max()
+    for name in ("config.yaml", "meta.json", "ckpt.pt"):
+        assert (out / name).exists()
+
+
+def _read(out: Path):
+    return pd.read_parquet(out / "metrics.parquet"), pd.read_parquet(out / "gns.parquet")
+
+
+def test_resume_after_a_kill_equals_the_uninterrupted_run(data_dir, tmp_path):
+    args = ["max_steps=24", "checkpoint_interval=8", "log_interval=1", "gns=ln", "eval_interval=0"]
+    ref = tmp_path / "ref"
+    train(make_cfg(*tiny(data_dir, ref, *args)))
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gnsrepro", "train", *tiny(data_dir, out, *args)], env=env,
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:  # kill it between two checkpoints, with rows logged after the last one
+        while time.time() < deadline:
+            try:
+                steps = pd.read_parquet(out / "metrics.parquet")["step"]
+                if steps.max() >= 11 and (out / "ckpt.pt").exists():
+                    break
+            except (FileNotFoundError, OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    killed_at = pd.read_parquet(out / "metrics.parquet")["step"].max()
+    assert 11 <= killed_at < 24, "the run was not killed mid-way"
+
+    train(make_cfg(*tiny(data_dir, out, *args, "resume=true")))
+    (m_ref, g_ref), (m, g) = _read(ref), _read(out)
+    assert m["step"].tolist() == list(range(1, 25))
+    pd.testing.assert_series_equal(m["loss"], m_ref["loss"], rtol=1e-6)
+    pd.testing.assert_frame_equal(g.drop(columns=[]).reset_index(drop=True), g_ref.reset_index(drop=True), rtol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = make_cfg(*tiny(data_dir, out, "max_steps=12", "checkpoint_interval=4", "log_interval=2", "eval_interval=0"))
+    forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        calls["n"] += 1
+        if loss is not None and calls["n"] > 2 * 5:  # from step 6 on (2 micro-batches a step)
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="not finite at step 6"):
+        train(cfg)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_equals_one_process(data_dir, tmp_path):
+    args = ["max_steps=6", "gns=all", "eval_interval=3", "schedule.batch_size=8", "schedule.micro_batch_size=2"]
+    one = tmp_path / "one"
+    train(make_cfg(*tiny(data_dir, one, *args)))
+    two = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        "-m", "gnsrepro", "train", *tiny(data_dir, two, *args)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (m1, g1), (m2, g2) = _read(one), _read(two)
+    pd.testing.assert_series_equal(m1["loss"], m2["loss"], rtol=1e-5)
+    pd.testing.assert_series_equal(m1["val_loss"], m2["val_loss"], rtol=1e-5)
+    # the per-example sums and the big-batch norms do not depend on how the batch is split
+    key = ["step", "source", "group"]
+    pe1 = g1[g1.source == "per_example"].set_index(key).sort_index()
+    pe2 = g2[g2.source == "per_example"].set_index(key).sort_index()
+    pd.testing.assert_frame_equal(pe1[["b_big", "b_small"]], pe2[["b_big", "b_small"]])
+    pd.testing.assert_series_equal(pe1["sqnorm_small"], pe2["sqnorm_small"], rtol=1e-4)
+    pd.testing.assert_series_equal(pe1["sqnorm_big"], pe2["sqnorm_big"], rtol=1e-4)
+    # two ranks add the ddp source: B_small = 4 sequences per rank
+    ddp = g2[g2.source == "ddp"]
+    assert len(ddp) == 6 * 5 and (ddp["b_small"] == 4).all() and (ddp["b_big"] == 8).all()
+    assert set(g2["source"]) == {"per_example", "microbatch", "ddp"}
+    assert all(math.isfinite(v) for v in ddp["sqnorm_small"])
