@@ -1,0 +1,486 @@
+"""`gnsrepro prepare`: tokenise a corpus into data_dir/<name>/{train.bin,val.bin,meta.json}.
+
+Data flow: a source yields documents (str) in a fixed order -> each document is assigned to train or val by
+a hash of its content -> worker processes tokenise chunks of documents with GPT-2 BPE, appending EOT after
+each (nanoGPT's convention) -> the parent writes uint16 tokens to both files as results arrive, in order, so
+memory stays bounded however large the corpus is.
+
+Validation split: a document goes to val iff the first 8 bytes of blake2b(its UTF-8 bytes), read as a
+fraction of 2**64, are below `val_fraction`. Depending only on the content, the split is the same whatever
+the corpus order, a byte budget or added files, and duplicated documents never straddle train and val. If no
+document hashes into val, the last document goes there, so val is never empty.
+
+Atomicity: files are written to a staging directory and renamed into place, meta.json last; meta.json is
+the marker of a complete data set, and `verify` checks the files against the sizes and hashes it records.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gnsrepro.config import DataConfig
+from gnsrepro.data.tokenizer import EOT, TOKENIZER_NAME, get_tokenizer
+
+DATA_NAMES = ("pycode", "openwebtext", "textdir")
+DTYPE = np.uint16
+FULL_HASH_LIMIT = 2 * 1024**3  # verify() hashes files below this size by default; above it, sizes only
+_CHUNK_BYTES = 1 << 20  # text per task sent to a worker: large enough to amortise IPC, small enough to stream
+_CHUNKS_IN_FLIGHT_PER_PROC = 4  # bounds memory: the pool never holds more than this many chunks per worker
+_PARQUET_BATCH_ROWS = 1024
+_STAGING_PREFIX = ".prepare-"
+
+
+class DataError(RuntimeError):
+    """A data set that is missing, malformed or misconfigured; the message says how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def _walk_sorted(root: Path) -> Iterator[Path]:
+    """Files under root in a fixed order: each directory's files by name, then its subdirectories by name.
+
+    Hidden files and directories (.git, .venv, ...) are skipped; symlinked directories are not followed.
+    """
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _read_utf8(path: Path) -> str | None:
+    """The file's text, or None when it cannot be read or is not UTF-8 text (binary files contain NULs)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None if "\x00" in text else text
+
+
+def pycode_documents(max_bytes: int) -> Iterator[str]:
+    """The Python source files of the running interpreter: stdlib, then site-packages.
+
+    Yields the longest prefix of that file list (sysconfig's 'stdlib', 'purelib', 'platlib', each walked in
+    sorted order, duplicates by resolved path removed, unreadable or non-UTF-8 files skipped) whose UTF-8
+    size fits in max_bytes. Present on every machine, so it needs no download.
+    """
+    if max_bytes <= 0:
+        raise DataError(f"data.max_bytes must be positive, got {max_bytes}")
+    paths = sysconfig.get_paths()
+    roots = [Path(paths[key]) for key in ("stdlib", "purelib", "platlib")]
+    return _pycode_iter([root for root in roots if root.is_dir()], max_bytes)
+
+
+def _pycode_iter(roots: list[Path], max_bytes: int) -> Iterator[str]:
+    seen: set[Path] = set()
+    total = 0
+    for root in roots:
+        for path in _walk_sorted(root):
+            if path.suffix != ".py":
+                continue
+            resolved = path.resolve()
+            if resolved in seen:
+                continue
+            seen.add(resolved)
+            text = _read_utf8(path)
+            if text is None:
+                continue
+            size = len(text.encode("utf-8"))
+            if total + size > max_bytes:
+                return
+            total += size
+            yield text
+
+
+def textdir_documents(path: str | os.PathLike) -> Iterator[str]:
+    """Every UTF-8 text file under a directory, one document per file, in sorted walk order.
+
+    Any extension is accepted (a user's corpus may be .txt, .md, .py, .jsonl, or no extension at all); files
+    that do not decode as UTF-8 or contain NUL bytes are taken to be binary and skipped, as are hidden ones.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.path={path} is not a directory; textdir needs data.path=DIR of text files")
+    return (text for text in map(_read_utf8, _walk_sorted(root)) if text is not None)
+
+
+def openwebtext_documents(path: str | os.PathLike | None, hf_dataset: str) -> Iterator[str]:
+    """OpenWebText documents (the `text` column), from a local copy or through Hugging Face `datasets`.
+
+    A local copy is a parquet file or a directory searched recursively for *.parquet (sorted paths), in the
+    layout of Hugging Face's parquet conversion (e.g. plain_text/train/0000.parquet). Without a path, the same
+    conversion is loaded with `datasets` (revision refs/convert/parquet: the original loading script no
+    longer runs under datasets 4).
+    """
+    if path is None:
+        return _huggingface_iter(hf_dataset)
+    import pyarrow.parquet as pq
+
+    local = Path(path).expanduser()
+    if local.is_file():
+        files = [local]
+    elif local.is_dir():
+        files = sorted(p for p in local.rglob("*.parquet") if p.is_file())
+    else:
+        raise DataError(f"data.path={path} does not exist; pass a directory of parquet files with a 'text' column")
+    if not files:
+        raise DataError(f"no *.parquet files under data.path={path}")
+    parquets = [pq.ParquetFile(file) for file in files]
+    for file, parquet in zip(files, parquets):
+        if "text" not in parquet.schema_arrow.names:
+            raise DataError(f"{file} has no 'text' column (columns: {', '.join(parquet.schema_arrow.names)})")
+    return _parquet_iter(parquets)
+
+
+def _parquet_iter(parquets: list) -> Iterator[str]:
+    """Reads row batches, so a multi-GB file never sits in memory whole."""
+    for parquet in parquets:
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=["text"]):
+            yield from (text for text in batch.column(0).to_pylist() if text is not None)
+
+
+def _huggingface_iter(hf_dataset: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            "data=openwebtext without data.path needs Hugging Face datasets: `pip install datasets` "
+            "(or `pip install gnsrepro[owt]`), or pass data.path=DIR of OpenWebText parquet files"
+        ) from None
+    dataset = datasets.load_dataset(hf_dataset, revision="refs/convert/parquet", split="train")
+    return (text for batch in dataset.iter(batch_size=_PARQUET_BATCH_ROWS) for text in batch["text"])
+
+
+def _check_name(cfg: DataConfig) -> None:
+    if cfg.name not in DATA_NAMES:
+        raise DataError(f"data={cfg.name} is unknown; data accepts {' | '.join(DATA_NAMES)}")
+
+
+def _source(cfg: DataConfig) -> tuple[dict, Iterator[str]]:
+    """(description for meta.json, documents) of the configured corpus."""
+    _check_name(cfg)
+    path = None if cfg.path is None else str(Path(cfg.path).expanduser().resolve())
+    if cfg.name == "pycode":
+        return {"name": "pycode", "path": None, "max_bytes": cfg.max_bytes}, pycode_documents(cfg.max_bytes)
+    if cfg.name == "textdir":
+        if path is None:
+            raise DataError("data=textdir needs data.path=DIR (a directory of text files)")
+        return {"name": "textdir", "path": path}, textdir_documents(path)
+    description = {"name": "openwebtext", "path": path, "hf_dataset": None if path else cfg.hf_dataset}
+    return description, openwebtext_documents(path, cfg.hf_dataset)
+
+
+# ------------------------------------------------------------------------------------------ tokenising
+
+
+def _is_val(data: bytes, val_fraction: float) -> bool:
+    digest = hashlib.blake2b(data, digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2**64
+
+
+def _chunks(documents: Iterable[str], val_fraction: float, counts: dict) -> Iterator[list[tuple[str, bool]]]:
+    """Chunks of (document, is_val) of about _CHUNK_BYTES each; empty documents are dropped.
+
+    The split of a document is decided when the next one arrives (or the stream ends), so that the last
+    document can still go to val when no other did. `counts` accumulates documents and bytes per split.
+    """
+    chunk: list[tuple[str, bool]] = []
+    chunk_bytes = 0
+    pending: tuple[str, int, bool] | None = None  # (document, its UTF-8 size, is_val) awaiting emission
+
+    def emit(text: str, size: int, is_val: bool):
+        nonlocal chunk, chunk_bytes
+        split = "val" if is_val else "train"
+        counts[split]["documents"] += 1
+        counts[split]["bytes"] += size
+        chunk.append((text, is_val))
+        chunk_bytes += size
+        if chunk_bytes >= _CHUNK_BYTES:
+            full, chunk, chunk_bytes = chunk, [], 0
+            return full
+        return None
+
+    for text in documents:
+        if not text:
+            continue
+        data = text.encode("utf-8")
+        if pending is not None and (full := emit(*pending)) is not None:
+            yield full
+        pending = (text, len(data), _is_val(data, val_fraction))
+    if pending is not None:
+        text, size, is_val = pending
+        if (full := emit(text, size, is_val or counts["val"]["documents"] == 0)) is not None:
+            yield full
+    if chunk:
+        yield chunk
+
+
+def _tokenize_chunk(chunk: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(train tokens, val tokens, UTF-8 bytes) of a chunk; each document is followed by EOT."""
+    encoder = get_tokenizer()
+    ids: dict[bool, list[int]] = {False: [], True: []}
+    for text, is_val in chunk:
+        ids[is_val].extend(encoder.encode_ordinary(text))
+        ids[is_val].append(EOT)
+    arrays = []
+    for is_val in (False, True):
+        tokens = np.asarray(ids[is_val], dtype=np.int64)
+        assert tokens.size == 0 or tokens.max() < 2**16, "a token id does not fit in uint16"
+        arrays.append(tokens.astype(DTYPE))
+    return arrays[0], arrays[1], sum(len(text.encode("utf-8")) for text, _ in chunk)
+
+
+def _worker_pool(processes: int):
+    """A pool of tokenising workers, or a null context for processes == 1 (tokenise in this process).
+
+    Created before the progress bar starts its monitor thread, since forking a multi-threaded process is unsafe.
+    """
+    if processes == 1:
+        return contextlib.nullcontext(None)
+    get_tokenizer()  # fail here rather than in every worker; forked workers inherit the memoised encoding
+    return multiprocessing.Pool(processes, initializer=get_tokenizer)
+
+
+def _tokenized(chunks: Iterator[list[tuple[str, bool]]], pool, processes: int):
+    """Results of _tokenize_chunk in chunk order, with a bounded number of chunks in flight in the pool.
+
+    (Pool.imap would read the whole chunk iterator ahead, i.e. the whole corpus into memory.)
+    """
+    if pool is None:
+        yield from map(_tokenize_chunk, chunks)
+        return
+    in_flight: collections.deque = collections.deque()
+    for chunk in chunks:
+        in_flight.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+        if len(in_flight) >= processes * _CHUNKS_IN_FLIGHT_PER_PROC:
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
+
+
+class _SplitWriter:
+    """Appends uint16 tokens to a file, hashing and counting them on the way."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+        self.tokens = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        data = tokens.tobytes()
+        self.file.write(data)
+        self.sha256.update(data)
+        self.tokens += tokens.size
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_staging(directory: Path) -> None:
+    """Delete staging directories left behind by prepare runs that were killed (their pid is gone)."""
+    for staging in directory.glob(f"{_STAGING_PREFIX}*"):
+        pid = staging.name[len(_STAGING_PREFIX):]
+        if staging.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _num_processes(num_proc: int) -> int:
+    if num_proc < 0:
+        raise DataError(f"data.num_proc must be >= 0 (0 = one per CPU core), got {num_proc}")
+    return num_proc or os.cpu_count() or 1
+
+
+def prepare(cfg: DataConfig) -> Path:
+    """Tokenise cfg's corpus into data_dir/name/{train.bin,val.bin,meta.json}; returns that directory.
+
+    An existing data set of the same name is replaced; a prepare that is killed midway leaves the previous
+    one (or none) in place, never a mixture.
+    """
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise DataError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    processes = _num_processes(cfg.num_proc)
+    description, documents = _source(cfg)
+    directory = Path(cfg.data_dir) / cfg.name
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(directory)
+    staging = directory / f"{_STAGING_PREFIX}{os.getpid()}"
+    staging.mkdir(exist_ok=True)
+    try:
+        counts = {split: {"documents": 0, "bytes": 0} for split in ("train", "val")}
+        writers = {split: _SplitWriter(staging / f"{split}.bin") for split in ("train", "val")}
+        started = time.perf_counter()
+        chunks = _chunks(documents, cfg.val_fraction, counts)
+        with (
+            _worker_pool(processes) as pool,  # first: the bar starts a thread, and forking after that is unsafe
+            tqdm(desc=f"prepare {cfg.name}", unit="B", unit_scale=True, file=sys.stderr, delay=0.5) as bar,
+        ):
+            for train_tokens, val_tokens, nbytes in _tokenized(chunks, pool, processes):
+                writers["train"].write(train_tokens)
+                writers["val"].write(val_tokens)
+                bar.update(nbytes)
+        for writer in writers.values():
+            writer.close()
+        if counts["train"]["documents"] == 0:
+            where = f" under {description['path']}" if description.get("path") else ""
+            raise DataError(
+                f"data={cfg.name}: found {counts['val']['documents']} non-empty document(s){where}; "
+                "need at least 2 (one for train, one for val)"
+            )
+        meta = {
+            "name": cfg.name,
+            "source": {
+                **description,
+                "documents": sum(c["documents"] for c in counts.values()),
+                "bytes": sum(c["bytes"] for c in counts.values()),
+            },
+            "val_fraction": cfg.val_fraction,
+            "split_rule": "val iff blake2b(document UTF-8, digest_size=8) / 2**64 < val_fraction; "
+            "the last document when none is",
+            "splits": {
+                split: {
+                    "file": f"{split}.bin",
+                    "tokens": writers[split].tokens,
+                    "documents": counts[split]["documents"],
+                    "bytes": counts[split]["bytes"],
+                    "sha256": writers[split].sha256.hexdigest(),
+                }
+                for split in ("train", "val")
+            },
+            "dtype": np.dtype(DTYPE).name,
+            "tokenizer": {"name": TOKENIZER_NAME, "eot": EOT},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - started, 1),
+            "gnsrepro_version": _version(),
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (directory / "meta.json").unlink(missing_ok=True)  # from here on the old data set is invalid
+        for split in ("train", "val"):
+            os.replace(staging / f"{split}.bin", directory / f"{split}.bin")
+        os.replace(staging / "meta.json", directory / "meta.json")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _version() -> str:
+    from gnsrepro import __version__
+
+    return __version__
+
+
+def run_prepare(cfg: DataConfig) -> Path:
+    """The CLI's `gnsrepro prepare`: prepare, then print a one-paragraph summary."""
+    directory = prepare(cfg)
+    meta = json.loads((directory / "meta.json").read_text())
+    source, splits = meta["source"], meta["splits"]
+    print(
+        f"prepared {directory}: {source['documents']:,} documents, {source['bytes']:,} bytes -> "
+        f"train {splits['train']['tokens']:,} tokens ({splits['train']['documents']:,} docs), "
+        f"val {splits['val']['tokens']:,} tokens ({splits['val']['documents']:,} docs) in {meta['seconds']} s"
+    )
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _prepare_command(name: str, path: str | None) -> str:
+    return f"gnsrepro prepare data={name}" + (f" data.path={path}" if path else "")
+
+
+def verify(directory: str | os.PathLike, full_hash: bool | None = None) -> dict:
+    """meta.json of a prepared data set, after checking that its token files are complete and unaltered.
+
+    Checks each file's size against the token count in meta.json, and (full_hash=True, or by default for files
+    under 2 GB) its sha256; hashing OpenWebText's ~18 GB on every run would cost a minute for little gain.
+    """
+    directory = Path(directory)
+    meta_path = directory / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        splits = meta["splits"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(
+            f"{meta_path} is missing or unreadable ({e}); re-run `gnsrepro prepare data={directory.name}`"
+        ) from None
+    redo = f"re-run `gnsrepro prepare data={meta.get('name', directory.name)}`"
+    for info in splits.values():
+        file = directory / info["file"]
+        if not file.is_file():
+            raise DataError(f"{file} is missing; {redo}")
+        size, expected = file.stat().st_size, info["tokens"] * np.dtype(DTYPE).itemsize
+        if size != expected:
+            raise DataError(f"{file} has {size:,} bytes, meta.json expects {expected:,} (truncated?); {redo}")
+        if full_hash or (full_hash is None and size < FULL_HASH_LIMIT):
+            digest = hashlib.sha256()
+            with open(file, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+            if digest.hexdigest() != info["sha256"]:
+                raise DataError(f"{file} does not match the sha256 in meta.json (altered?); {redo}")
+    return meta
+
+
+def _warn_if_settings_differ(cfg: DataConfig, meta: dict) -> None:
+    """The prepared files are used as they are; say so when they came from different settings than cfg's."""
+    source = meta.get("source", {})
+    wanted = {"val_fraction": cfg.val_fraction}
+    if cfg.name == "pycode":
+        wanted["max_bytes"] = cfg.max_bytes
+    if cfg.path is not None:
+        wanted["path"] = str(Path(cfg.path).expanduser().resolve())
+    stored = {"val_fraction": meta.get("val_fraction"), **source}
+    differing = [f"data.{key}={stored.get(key)} (asked {value})" for key, value in wanted.items()
+                 if stored.get(key) != value]
+    if differing:
+        print(
+            f"note: using {cfg.data_dir}/{cfg.name} prepared with {', '.join(differing)}; "
+            f"run `{_prepare_command(cfg.name, cfg.path)}` to rebuild it",
+            file=sys.stderr,
+        )
+
+
+def ensure_prepared(cfg: DataConfig, prepare_missing: bool) -> Path:
+    """The verified directory of cfg's data set, preparing it first when it is missing and prepare_missing."""
+    _check_name(cfg)
+    directory = Path(cfg.data_dir) / cfg.name
+    if not (directory / "meta.json").is_file():
+        command = _prepare_command(cfg.name, cfg.path if cfg.path else ("DIR" if cfg.name == "textdir" else None))
+        if not prepare_missing:
+            raise DataError(f"no prepared data in {directory}; run `{command}` first")
+        if cfg.name == "textdir" and not cfg.path:
+            raise DataError(f"no prepared data in {directory} and data=textdir needs data.path=DIR to prepare it")
+        print(f"{directory} is not prepared; running `{command}`", file=sys.stderr)
+        prepare(cfg)
+    meta = verify(directory)
+    _warn_if_settings_differ(cfg, meta)
+    return directory
