@@ -115,8 +115,10 @@ class GNSTracker:
         self._micro_sq += torch.stack(torch._foreach_norm(deltas)) ** 2
         torch._foreach_copy_(self._prev, grads)
 
-    def ddp_comm_hook(self, process_group, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    def ddp_comm_hook(self, process_group, bucket):  # no annotations: DDP checks them, and they are strings here
         """DDP hook: note each rank's local gradient (and the last micro-batch's change), then all-reduce.
+
+        bucket is a dist.GradBucket; returns a Future of the all-reduced bucket, as DDP's allreduce_hook.
 
         The bucket holds this rank's gradient summed over its micro-batches before averaging, which is
         the local-batch gradient of the ddp source. Register with ddp.register_comm_hook(None, hook).

@@ -317,20 +317,23 @@ def train(cfg: TrainConfig | DictConfig) -> Path:
         metrics_log = ParquetLog(out / "metrics.parquet", resume_step=resume_step if resume_step else -1)
         gns_log = ParquetLog(out / "gns.parquet", resume_step=resume_step if resume_step else -1)
 
+    # a fixed validation set of eval_batches x micro sequences, shared out over the ranks
+    val_offsets = batch_offsets(len(val_tokens), seq_len, cfg.eval_batches * micro, cfg.seed + EVAL_SEED_OFFSET, 0)
+    val_mine = val_offsets[d.rank::d.world_size]
+
     @torch.no_grad()
     def evaluate() -> float:
         model.eval()
-        losses = torch.zeros(cfg.eval_batches, device=device)
-        for i in range(cfg.eval_batches):
-            offsets = batch_offsets(len(val_tokens), seq_len, micro * d.world_size, cfg.seed + EVAL_SEED_OFFSET, i)
-            x, y = read_batch(val_tokens, offsets[d.rank * micro:(d.rank + 1) * micro], seq_len, device)
+        total = torch.zeros(2, device=device)  # (sum of sequence losses, sequences)
+        for i in range(0, len(val_mine), micro):
+            x, y = read_batch(val_tokens, val_mine[i:i + micro], seq_len, device)
             with autocast:
-                losses[i] = raw_model(x, y)[1]
+                total[0] += raw_model(x, y)[1].float() * len(x)
+            total[1] += len(x)
         if d.world_size > 1:
-            dist.all_reduce(losses)
-            losses /= d.world_size
+            dist.all_reduce(total)
         model.train()
-        return losses.mean().item()
+        return (total[0] / total[1]).item()
 
     def save_checkpoint() -> None:
         if d.main:
