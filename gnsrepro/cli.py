@@ -8,7 +8,6 @@ decorated functions only convert the config; the work is done by plain functions
 from __future__ import annotations
 
 import sys
-from importlib import resources
 from pathlib import Path
 
 COMMANDS = {
@@ -23,10 +22,11 @@ POSITIONAL = {"bench": "target"}
 
 def conf_dir() -> str:
     """The Hydra config directory: conf/ of a source checkout, else the copy installed with the package."""
-    checkout = Path(__file__).resolve().parent.parent / "conf"
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "conf"
     if (checkout / "train.yaml").is_file():
         return str(checkout)
-    return str(resources.files("gnsrepro.conf"))
+    return str(package / "conf")  # pyproject.toml installs conf/ as the package data gnsrepro/conf
 
 
 def _usage() -> str:
