@@ -174,7 +174,9 @@ class GPT(nn.Module):
             return self.transformer.wte.unembed(x[:, [-1], :]), None
         logits = self.transformer.wte.unembed(x)
         # mean over all B*T tokens: example b's gradient is that of its own mean token loss, over B
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        # at least fp32 (bf16 logits under autocast), and fp64 for a float64 model
+        logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = F.cross_entropy(logits32.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
     def flops_per_token(self, seq_len: int) -> int:
