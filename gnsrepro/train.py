@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -50,8 +49,10 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
             raise ConfigError(msg)
 
     m, s, o, g = cfg.model, cfg.schedule, cfg.optim, cfg.gns
-    need(cfg.data.name in DATA_NAMES, f"data={cfg.data.name!r} is not known; accepted: {', '.join(DATA_NAMES)}")
-    need(cfg.data.name != "textdir" or bool(cfg.data.path), "data=textdir needs data.path=DIR (a directory of text files)")
+    need(cfg.data.name in DATA_NAMES,
+         f"data={cfg.data.name!r} is not known; accepted: {', '.join(DATA_NAMES)}")
+    need(cfg.data.name != "textdir" or bool(cfg.data.path),
+         "data=textdir needs data.path=DIR (a directory of text files)")
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         need(m[key] > 0, f"model.{key}={m[key]} must be a positive integer")
     need(m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
@@ -59,12 +60,14 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
          f"model.cosine_attn_blocks={list(m.cosine_attn_blocks)} must name blocks in [0, {m.n_layer})")
     seq_len = cfg.seq_len if cfg.seq_len is not None else m.block_size
     need(seq_len > 0, f"seq_len={seq_len} must be a positive integer")
-    need(seq_len <= m.block_size, f"seq_len={seq_len} is longer than the model's context model.block_size={m.block_size}")
+    need(seq_len <= m.block_size,
+         f"seq_len={seq_len} is longer than the model's context model.block_size={m.block_size}")
     need(o.lr > 0 and math.isfinite(o.lr), f"optim.lr={o.lr} must be a positive number")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
     need(o.warmup_tokens >= 0, f"optim.warmup_tokens={o.warmup_tokens} must be >= 0")
-    need(cfg.max_steps is not None or cfg.max_tokens is not None, "set max_steps=N or max_tokens=N (a positive integer)")
+    need(cfg.max_steps is not None or cfg.max_tokens is not None,
+         "set max_steps=N or max_tokens=N (a positive integer)")
     need(cfg.max_steps is None or cfg.max_steps > 0, f"max_steps={cfg.max_steps} must be a positive integer")
     need(cfg.max_tokens is None or cfg.max_tokens > 0, f"max_tokens={cfg.max_tokens} must be a positive integer")
     need(s.name in SCHEDULES, f"schedule={s.name!r} is not known; accepted: {', '.join(SCHEDULES)}")
@@ -76,7 +79,8 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
          f"{s.micro_batch_size} x {world_size} = {per_step}")
     need(g.mode in GNS_MODES, f"gns={g.mode!r} is not known; accepted: {', '.join(GNS_MODES)}")
     need(g.method in LINEAR_METHODS, f"gns.method={g.method!r} is not known; accepted: {', '.join(LINEAR_METHODS)}")
-    need(g.ln_backend in LN_BACKENDS, f"gns.ln_backend={g.ln_backend!r} is not known; accepted: {', '.join(LN_BACKENDS)}")
+    need(g.ln_backend in LN_BACKENDS,
+         f"gns.ln_backend={g.ln_backend!r} is not known; accepted: {', '.join(LN_BACKENDS)}")
     need(0 <= g.ema_alpha < 1, f"gns.ema_alpha={g.ema_alpha} must be in [0, 1)")
     need(cfg.dtype in ("auto", *DTYPES), f"dtype={cfg.dtype!r} is not known; accepted: auto, {', '.join(DTYPES)}")
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
@@ -235,7 +239,8 @@ def train(cfg: TrainConfig | DictConfig) -> Path:
     out = Path(cfg.out_dir if cfg.out_dir else f"outputs/{cfg.run_name}")
     ckpt_path = out / "ckpt.pt"
     if d.main and not cfg.resume and ckpt_path.exists():
-        raise ConfigError(f"out_dir={out} already holds a run; pass resume=true to continue it or choose another out_dir")
+        raise ConfigError(f"out_dir={out} already holds a run; pass resume=true to continue it "
+                          "or choose another out_dir")
 
     # data: rank 0 prepares what is missing, the others wait for it
     if d.main:

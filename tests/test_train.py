@@ -269,3 +269,15 @@ def test_two_process_gloo_ddp_equals_one_process(data_dir, tmp_path):
     assert len(ddp) == 6 * 5 and (ddp["b_small"] == 4).all() and (ddp["b_big"] == 8).all()
     assert set(g2["source"]) == {"per_example", "microbatch", "ddp"}
     assert all(math.isfinite(v) for v in ddp["sqnorm_small"])
+
+
+def test_per_layer_rows_sum_to_their_groups(data_dir, tmp_path):
+    out = train(make_cfg(*tiny(data_dir, tmp_path / "run", "max_steps=3", "gns=all", "gns.per_layer=true")))
+    g = pd.read_parquet(out / "gns.parquet")
+    pe = g[(g.source == "per_example") & (g.step == 3)].set_index("group")
+    names = [n for n in pe.index if n.startswith("transformer.")]
+    model = GPT(gpt_config(make_cfg("model=tiny").model))
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    ln = [n for n in names if ".ln_" in n]
+    assert pe.loc[ln, "sqnorm_small"].sum() == pytest.approx(pe.loc["layernorm", "sqnorm_small"], rel=1e-5)
+    assert pe.loc[names, "sqnorm_big"].sum() == pytest.approx(pe.loc["total", "sqnorm_big"], rel=1e-5)

@@ -9,6 +9,7 @@ device's dense bf16 peak.
 from __future__ import annotations
 
 import copy
+import gc
 import statistics
 import time
 from contextlib import nullcontext
@@ -83,9 +84,6 @@ def time_steps(cfg, gns_cfg, device: torch.device) -> dict:
     tok_s = cfg.micro_batch_size * seq_len / median
     peak = peak_flops(device)
     mfu = model.flops_per_token(seq_len) * tok_s / peak if peak else float("nan")
-    del model, optimizer, run, tracker, collector
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"step_time_s": median, "tokens_per_s": tok_s, "mfu": mfu}
 
 
@@ -100,7 +98,8 @@ def bench_train(cfg) -> dict:
     device = _device(cfg)
     seq_len = cfg.seq_len or cfg.model.block_size
     if seq_len > cfg.model.block_size:
-        raise ConfigError(f"seq_len={seq_len} is longer than the model's context model.block_size={cfg.model.block_size}")
+        raise ConfigError(f"seq_len={seq_len} is longer than the model's context "
+                          f"model.block_size={cfg.model.block_size}")
     print(_header(device))
     r = time_steps(cfg, cfg.gns, device)
     print(f"bench train: model {cfg.model.name} | seq_len {seq_len} | micro-batch {cfg.micro_batch_size} | "
@@ -122,6 +121,9 @@ def bench_overhead(cfg) -> list[dict]:
         g = copy.deepcopy(cfg.gns)
         g.mode, g.method, g.ln_backend = mode, method, backend
         r = time_steps(cfg, g, device)
+        gc.collect()  # free this variant's model and compiled graphs before the next one
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         r["variant"] = label
         results.append(r)
         base = results[0]["step_time_s"]
