@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	@touch $@
 
 test: install
+	$(BIN)/ruff check gnsrepro tests
 	$(BIN)/python -m pytest -q
 
 test-gpu: install

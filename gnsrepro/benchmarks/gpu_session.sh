@@ -6,23 +6,27 @@
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-outputs/gpu-session}
-mkdir -p "$OUT"
+OUT=${OUT:-outputs/gpu-session}   # small results only (the device tool brings back at most 8 files)
+RUNS=outputs/gpu-session           # run directories, checkpoints included, stay on the machine
+mkdir -p "$OUT" "$RUNS"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__)"
 status=0
 run() { echo "+ $*"; "$@" || { echo "FAILED ($?): $*"; status=1; }; }
 for stage in "$@"; do
   case $stage in
-    tests)     run python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.log" ;;
+    tests)     run python3 -m pytest -q -m gpu tests ;;
     layernorm) run python3 -m gnsrepro bench layernorm out=$OUT/layernorm.parquet ;;
     train)     run python3 -m gnsrepro bench train model=111M micro_batch_size=16 ;;
     overhead)  run python3 -m gnsrepro bench overhead model=111M micro_batch_size=16 steps=15 warmup=5 ;;
-    small)     run python3 -m gnsrepro train scale=small max_tokens=20000000 out_dir=$OUT/small log_interval=20 \
-                 checkpoint_interval=0 data.max_bytes=64000000 ;;
+    small)     run python3 -m gnsrepro train scale=small max_tokens=20000000 out_dir=$RUNS/small log_interval=20 \
+                 checkpoint_interval=0
+               cp $RUNS/small/gns.parquet "$OUT/small_gns.parquet"; cp $RUNS/small/metrics.parquet "$OUT/small_metrics.parquet" ;;
     run111m)   run python3 -m gnsrepro train model=111M gns=ln seq_len=2048 schedule.batch_size=32 \
-                 schedule.micro_batch_size=16 max_steps=60 compile=true optim.lr=1.17e-3 optim.warmup_tokens=10000000 \
-                 out_dir=$OUT/run111m eval_interval=30 log_interval=10 checkpoint_interval=0 ;;
+                 schedule.micro_batch_size=16 max_steps=200 compile=true optim.lr=1.17e-3 optim.warmup_tokens=2000000 \
+                 out_dir=$RUNS/run111m eval_interval=100 log_interval=20 checkpoint_interval=0
+               cp $RUNS/run111m/gns.parquet "$OUT/run111m_gns.parquet"
+               cp $RUNS/run111m/metrics.parquet "$OUT/run111m_metrics.parquet" ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done

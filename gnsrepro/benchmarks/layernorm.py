@@ -1,0 +1,393 @@
+"""LayerNorm forward+backward timing: PyTorch vs the Triton per-example-norm kernel (claim 3 of the paper).
+
+Three contenders over M = 8 × 2048 = 16,384 rows, hidden N ∈ {768, 1024, 2048, 4096, 8192}, bf16 and
+fp32 (x, dy, γ, β all in that dtype):
+  (a) ``torch``     torch.nn.functional.layer_norm, forward + autograd backward (dx, dγ, dβ);
+  (b) ``triton``    gnsrepro.kernels.layer_norm.layer_norm_per_example: the same plus the per-example
+                    squared norms |dγ_b|², |dβ_b|² (returned as the sink's gradient);
+  (c) ``torch_pe``  what a user would write in plain PyTorch: F.layer_norm plus a hook on y that
+                    recomputes x̂ in fp32 and reduces dy ⊙ x̂ and dy per example, then squares.
+
+Time: median over ``cfg.steps`` calls (after ``cfg.warmup`` untimed ones) of CUDA events around one
+forward + ``torch.autograd.grad`` call; a 256 MB buffer is zeroed before each call so that no input
+sits in L2 (50 MB on an H100).
+Bytes counted per forward+backward (PAPER.md, "The LayerNorm kernel"): forward 2·M·N·b (read x,
+write y) + backward 3·M·N·b (read x and dy, write dx), b = bytes per element. Not counted: γ, β and
+their gradients, the fp32 mean/rstd (8·M bytes each way), the kernel's fp32 partial sums (about
+2 · programs · N · 4 bytes each way) and the (B, k) norms: all O(B·N + M), under 5% here.
+Copy bandwidth: a 1 GiB device-to-device copy, bytes read + written over its median time.
+
+``sweep()`` times the kernels alone over block sizes / warps / programs per SM: the tuning behind the
+tables in gnsrepro/kernels/layer_norm.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+SIZES = (768, 1024, 2048, 4096, 8192)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+BATCH, SEQ = 8, 2048  # 16,384 rows, the paper's 111M micro-batch shape
+EPS = 1e-5
+DEFAULT_OUT = "outputs/bench/layernorm.parquet"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(
+            "gnsrepro bench layernorm needs a CUDA GPU: it times GPU kernels against each other "
+            f"(asked for device={name!r}, torch.cuda.is_available()={torch.cuda.is_available()})."
+        )
+    return dev
+
+
+def time_us(fn: Callable[[], object], warmup: int, steps: int, flush: Optional[torch.Tensor] = None) -> float:
+    """Median over `steps` calls of fn's GPU time in µs (CUDA events); L2 is flushed before each call."""
+    for _ in range(max(warmup, 1)):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+    for s, e in zip(starts, ends):
+        if flush is not None:
+            flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def graph_time_us(fn: Callable[[], object], steps: int, flush: Optional[torch.Tensor] = None) -> float:
+    """Median GPU time of fn replayed from a CUDA graph: the device work alone, no host overhead.
+
+    NaN when fn cannot be captured.
+    """
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_us(graph.replay, 2, steps, flush)
+    except Exception as e:  # noqa: BLE001 - report, do not fail the eager numbers
+        print(f"(CUDA graph capture failed: {type(e).__name__}: {e})")
+        return float("nan")
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30, steps: int = 20) -> float:
+    """Device-to-device copy: (bytes read + bytes written) / median time, in GB/s."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), warmup=3, steps=steps)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def torch_per_example_layer_norm(x, weight, bias, eps, out: dict):
+    """Plain PyTorch: F.layer_norm, and a hook on y that stores per-example |dγ_b|², |dβ_b|² in `out`."""
+    N = x.shape[-1]
+    y = F.layer_norm(x, (N,), weight, bias, eps)
+
+    def hook(dy):
+        with torch.no_grad():
+            xhat = F.layer_norm(x.float(), (N,), None, None, eps)  # x̂ recomputed in fp32
+            dyf = dy.float()
+            out["sq_weight"] = (dyf * xhat).sum(1).pow(2).sum(-1)  # (B,)
+            out["sq_bias"] = dyf.sum(1).pow(2).sum(-1)
+
+    y.register_hook(hook)
+    return y
+
+
+def _cases(device, dtype, N, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(BATCH, SEQ, N, device=device, dtype=dtype, generator=g).requires_grad_()
+    w = (1 + 0.1 * torch.randn(N, device=device, generator=g)).to(dtype).requires_grad_()
+    b = (0.1 * torch.randn(N, device=device, generator=g)).to(dtype).requires_grad_()
+    dy = torch.randn(BATCH, SEQ, N, device=device, dtype=dtype, generator=g)
+    sink = torch.zeros(BATCH, 2, device=device, dtype=torch.float32, requires_grad=True)
+    return x, w, b, dy, sink
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _bench_one(device, dtype, N: int, warmup: int, steps: int, flush) -> dict:
+    from gnsrepro.kernels.layer_norm import layer_norm_per_example, layer_norm_per_example_reference
+
+    x, w, b, dy, sink = _cases(device, dtype, N)
+    M = BATCH * SEQ
+    store: dict = {}
+
+    def f_torch():
+        y = F.layer_norm(x, (N,), w, b, EPS)
+        return torch.autograd.grad(y, (x, w, b), dy)
+
+    def f_triton():
+        y = layer_norm_per_example(x, w, b, EPS, sink)
+        return torch.autograd.grad(y, (x, w, b, sink), dy)
+
+    def f_torch_pe():
+        y = torch_per_example_layer_norm(x, w, b, EPS, store)
+        return torch.autograd.grad(y, (x, w, b), dy)
+
+    # correctness at the benchmarked shape: Triton vs PyTorch (dx) and vs the fp32 reference (norms)
+    gt, gk = f_torch(), f_triton()
+    ref = layer_norm_per_example_reference(x.detach(), w.detach(), b.detach(), EPS, dy)
+    err_dx = _rel(gk[0], gt[0])
+    err_sq = max(_rel(gk[3][:, 0], ref[4]), _rel(gk[3][:, 1], ref[5]))
+    del gt, gk, ref
+    t_a = time_us(f_torch, warmup, steps, flush)
+    t_b = time_us(f_triton, warmup, steps, flush)
+    t_c = time_us(f_torch_pe, warmup, steps, flush)
+    g_a = graph_time_us(f_torch, steps, flush)
+    g_b = graph_time_us(f_triton, steps, flush)
+    nbytes = 5 * M * N * x.element_size()
+    return dict(
+        graph_torch_us=g_a, graph_triton_us=g_b, graph_ratio=g_b / g_a,
+        graph_triton_gbps=nbytes / (g_b * 1e-6) / 1e9,
+        B=BATCH, T=SEQ, rows=M, torch_us=t_a, triton_us=t_b, torch_pe_us=t_c, ratio_triton_torch=t_b / t_a,
+        ratio_torch_pe_torch=t_c / t_a, bytes=nbytes, triton_gbps=nbytes / (t_b * 1e-6) / 1e9,
+        torch_gbps=nbytes / (t_a * 1e-6) / 1e9, rel_err_dx=err_dx, rel_err_sq=err_sq,
+    )
+
+
+def run(cfg) -> pd.DataFrame:
+    """Time (a) PyTorch, (b) Triton with per-example norms, (c) plain-PyTorch per-example; print and save."""
+    device = _device(getattr(cfg, "device", "auto"))
+    steps = int(getattr(cfg, "steps", 20) or 20)
+    warmup = int(getattr(cfg, "warmup", 5) or 5)
+    out_path = Path(getattr(cfg, "out", None) or DEFAULT_OUT)
+    import triton
+
+    props = torch.cuda.get_device_properties(device)
+    meta = {
+        "device_name": props.name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    copy_gbps = copy_bandwidth_gbps(device)
+    rows = []
+    for dname, dtype in DTYPES.items():
+        for N in SIZES:
+            r = _bench_one(device, dtype, N, warmup, steps, flush)
+            rows.append(dict(N=N, dtype=dname, **r, copy_gbps=copy_gbps, pct_copy=100 * r["triton_gbps"] / copy_gbps,
+                             steps=steps, **meta))
+    df = pd.DataFrame(rows)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(out_path, index=False)
+    print(format_table(df))
+    print(f"written: {out_path}")
+    return df
+
+
+def format_table(df: pd.DataFrame) -> str:
+    m = df.iloc[0]
+    lines = [
+        f"LayerNorm forward+backward, {int(m['B'])}x{int(m['T'])} rows; {m.device_name}; torch {m.torch}, "
+        f"triton {m.triton}; {m.date}",
+        f"copy bandwidth {m.copy_gbps:.0f} GB/s (1 GiB device copy, read+write); bytes counted 5*M*N*b "
+        "(fwd: read x, write y; bwd: read x, dy, write dx)",
+        "(a) F.layer_norm  (b) Triton + per-example norms  (c) plain-PyTorch per-example; median µs, eager "
+        "(host overhead included); gA/gB: (a)/(b) replayed from a CUDA graph (device time alone)",
+        f"{'N':>6} {'dtype':>5} {'a_us':>8} {'b_us':>8} {'c_us':>8} {'b/a':>6} {'c/a':>6} {'b_GB/s':>7} "
+        f"{'%copy':>6} {'gA_us':>7} {'gB_us':>7} {'gB/gA':>6} {'gB%copy':>7} {'err_dx':>8} {'err_sq':>8}",
+    ]
+    for r in df.itertuples():
+        lines.append(
+            f"{r.N:>6} {r.dtype:>5} {r.torch_us:8.1f} {r.triton_us:8.1f} {r.torch_pe_us:8.1f} "
+            f"{r.ratio_triton_torch:6.2f} {r.ratio_torch_pe_torch:6.2f} {r.triton_gbps:7.0f} {r.pct_copy:6.1f} "
+            f"{r.graph_torch_us:7.1f} {r.graph_triton_us:7.1f} {r.graph_ratio:6.2f} "
+            f"{100 * r.graph_triton_gbps / r.copy_gbps:7.1f} {r.rel_err_dx:8.1e} {r.rel_err_sq:8.1e}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tuning sweep (kernels alone, no autograd): used to fill the config tables in kernels/layer_norm.py
+# --------------------------------------------------------------------------------------------------
+
+
+def sweep(
+    sizes=(768, 2048, 4096, 8192), dtypes=("bf16", "fp32"), steps: int = 15, out: Optional[str] = None,
+    per_sms=(1, 2, 4), kinds=("fwd", "bwd"),
+) -> pd.DataFrame:
+    """Time forward and backward launchers over (BLOCK_M, num_warps[, programs per SM]); print the best."""
+    device = _device("auto")
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    nsm = torch.cuda.get_device_properties(device).multi_processor_count
+    rows = []
+    for dname in dtypes:
+        for N in sizes:
+            here = _sweep_one(device, dname, N, steps, flush, nsm, per_sms, kinds)
+            for kind, gk in pd.DataFrame(here).groupby("kind"):
+                top = gk.nsmallest(4, "us")
+                desc = "; ".join(f"bm={r.block_m} nw={r.num_warps} sm={r.per_sm}: {r.us:.1f}" for r in top.itertuples())
+                print(f"best {kind} {dname} N={N}: {desc}", flush=True)
+            rows += here
+            if out:
+                pd.DataFrame(rows).to_csv(out, index=False)
+    return pd.DataFrame(rows)
+
+
+def _sweep_one(device, dname: str, N: int, steps: int, flush, nsm: int, per_sms, kinds) -> list[dict]:
+    import triton
+
+    from gnsrepro.kernels import layer_norm as K
+
+    x, w, b, dy, _ = _cases(device, DTYPES[dname], N)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    block_n = triton.next_power_of_2(N)
+    _, stats = K.layer_norm_forward(x, w, b, EPS)
+
+    def fwd(bm, nw):
+        return lambda: K.layer_norm_forward(x, w, b, EPS, block_m=bm, num_warps=nw)
+
+    def bwd(bm, nw, per_sm):
+        return lambda: K.layer_norm_backward(
+            dy, x, w, b, stats, block_m=bm, num_warps=nw, target_programs=nsm * per_sm
+        )
+
+    here = []
+    for bm in (1, 2, 4, 8, 16):
+        for nw in (4, 8, 16, 32):
+            per_thread = bm * block_n // (32 * nw)
+            if bm * block_n > 16384 or per_thread < 4 or per_thread > 32:
+                continue
+            cfg = dict(N=N, dtype=dname, block_m=bm, num_warps=nw)
+            if "fwd" in kinds:
+                try:
+                    here.append(dict(kind="fwd", per_sm=0, us=time_us(fwd(bm, nw), 2, steps, flush), **cfg))
+                except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+                    print("fwd fail", cfg, type(e).__name__, flush=True)
+            if "bwd" not in kinds or bm * block_n > 8192:
+                continue
+            for per_sm in per_sms:
+                try:
+                    t = time_us(bwd(bm, nw, per_sm), 2, steps, flush)
+                except Exception as e:  # noqa: BLE001
+                    print("bwd fail", cfg, type(e).__name__, flush=True)
+                    break
+                here.append(dict(kind="bwd", per_sm=per_sm, us=t, **cfg))
+    return here
+
+
+def _host_us(fn, iters: int = 200) -> float:
+    """Host time per call while the GPU keeps up (tiny tensors): Python + launch overhead."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    t = (time.perf_counter() - t0) / iters * 1e6
+    torch.cuda.synchronize()
+    return t
+
+
+def host_overheads(device) -> dict:
+    """Host µs per call of each layer on tiny tensors (the GPU keeps up, so this is Python + launches)."""
+    from gnsrepro.kernels import layer_norm as K
+
+    x = torch.randn(4, 8, 768, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(768, device=device, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.zeros(768, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    sink = torch.zeros(4, 2, device=device, requires_grad=True)
+    y0, stats = K.layer_norm_forward(x.detach(), w.detach(), b.detach(), EPS)
+
+    class Identity(torch.autograd.Function):  # autograd's own cost, no kernels
+        @staticmethod
+        def forward(ctx, x, w, b, sink):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, dy):
+            return dy, None, None, None
+
+    fns = {
+        "torch.empty": lambda: torch.empty(4, 8, 768, device=device),
+        "tensor.sum(-1)": lambda: stats.sum(-1),
+        "empty autograd.Function fwd+bwd": lambda: torch.autograd.grad(Identity.apply(x, w, b, sink), (x,), dy),
+        "F.layer_norm fwd+bwd": lambda: torch.autograd.grad(F.layer_norm(x, (768,), w, b, EPS), (x, w, b), dy),
+        "triton Function fwd+bwd": lambda: torch.autograd.grad(
+            K.layer_norm_per_example(x, w, b, EPS, sink), (x, w, b, sink), dy
+        ),
+        "triton custom op fwd+bwd": lambda: torch.autograd.grad(
+            K.layer_norm_per_example_op(x, w, b, EPS, sink), (x, w, b, sink), dy
+        ),
+        "layer_norm_forward launcher": lambda: K.layer_norm_forward(x, w, b, EPS),
+        "layer_norm_backward launcher": lambda: K.layer_norm_backward(dy, x, w, b, stats),
+        "fwd kernel launch only": lambda: K._layer_norm_fwd_kernel[(8,)](
+            x, w, b, y0, stats, 32, 768, EPS, HAS_BIAS=True, BLOCK_M=4, BLOCK_N=1024, num_warps=4
+        ),
+    }
+    return {name: _host_us(fn) for name, fn in fns.items()}
+
+
+def diagnose(cases=((768, "bf16"), (4096, "bf16"), (4096, "fp32"))) -> None:
+    """Host overhead of each layer (tiny tensors), then per-kernel CUDA times at the benchmark shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gnsrepro.kernels.layer_norm import layer_norm_per_example
+
+    device = _device("auto")
+    for name, us in host_overheads(device).items():
+        print(f"host {name:32s} {us:8.1f} µs/call", flush=True)
+    for N, dname in cases:
+        x, w, b, dy, sink = _cases(device, DTYPES[dname], N)
+
+        def f(x=x, w=w, b=b, dy=dy, sink=sink):
+            y = layer_norm_per_example(x, w, b, EPS, sink)
+            return torch.autograd.grad(y, (x, w, b, sink), dy)
+
+        for _ in range(3):
+            f()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                f()
+            torch.cuda.synchronize()
+        print(f"--- N={N} {dname}: back-to-back {_host_us(f, 20):.1f} µs/iter enqueue (GPU-bound if ≈ GPU sum)")
+        for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))[:5]:
+            dt = getattr(e, "device_time_total", 0) / max(e.count, 1)
+            print(f"   {e.key[:60]:60s} n={e.count:3d} {dt:8.1f} µs")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--diagnose", action="store_true")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.diagnose:
+        diagnose()
+    elif args.sweep:
+        sweep(out=args.out or os.environ.get("SWEEP_OUT"))
+    else:
+        run(argparse.Namespace(device="auto", steps=args.steps, warmup=args.warmup, out=args.out))

@@ -1,0 +1,656 @@
+"""LayerNorm whose backward pass also returns per-example squared gradient norms (Triton).
+
+    y = x̂ ⊙ γ + β,   x̂ = (x − mean) · rstd   (per row of N features; statistics in fp32)
+
+For x of shape (B, T, N) the per-example parameter gradients are (PAPER.md, "Per-example gradient
+norms"):
+
+    dγ_b = Σ_t dy_{b,t} ⊙ x̂_{b,t},   dβ_b = Σ_t dy_{b,t}      (sum over the example's T rows first)
+
+and the backward pass returns |dγ_b|² and |dβ_b|² next to dx, dγ = Σ_b dγ_b and dβ = Σ_b dβ_b, in the
+same single pass over x and dy that any LayerNorm backward makes. A 2-D input (B, N) is B examples
+of one row each (T = 1).
+
+How the per-example norms come out: the caller passes a "sink", a float32 leaf tensor of shape
+(B, k) (k = 2 with a bias, else 1) whose value is never read. The backward returns the squared norms
+as the sink's *gradient* (column 0: |dγ_b|², column 1: |dβ_b|²), computed from the incoming dy as it
+is. Autograd accumulates them into ``sink.grad``, so with gradient accumulation over micro-batches
+the per-example sums simply add up.
+
+Kernels (one file, as DESIGN.md asks):
+- ``_layer_norm_fwd_kernel``: one tile of BLOCK_M rows per program; writes y and the fp32 (mean, rstd).
+- ``_layer_norm_bwd_kernel``: each program owns a contiguous run of rows (whole examples, or one
+  chunk of one example), keeps the partial dγ/dβ sums in fp32 registers while it writes dx, and
+  prefetches the next tile of x and dy before the current tile's arithmetic. It stores one (N,) fp32
+  partial per program: the only extra memory traffic, O(programs · N) (about 2 SMs' worth of
+  programs: 2-4% of the activation bytes at 16k rows). When a program owns whole examples (T = 1, or
+  short sequences) it also finishes their squared norms in registers.
+- ``_layer_norm_bwd_reduce_kernel``: sums the partials (per example first, then over examples) into
+  dγ and dβ; when examples were split into chunks it also squares each example's sum, and the last
+  of its programs to finish (an atomic counter) adds up the per-column-block pieces into |dγ_b|²,
+  |dβ_b|² in a fixed order, so results are deterministic run to run.
+No (B, N) or (B·T, N) tensor is written: per-example gradients exist only as fp32 register sums.
+
+Autograd: in eager mode a ``torch.autograd.Function`` (the cheapest on the host); under
+torch.compile the forward and backward are ``torch.library.custom_op``s with fake (meta) kernels and
+a registered autograd formula, so a compiled model keeps them as opaque nodes with no graph break.
+Both call the same launchers. Autocast: the ops are not autocast-aware; they see the tensors as given
+(typically x in bf16 from an autocast matmul and γ, β in fp32), compute in fp32 and return y in x's
+dtype, dγ/dβ in the parameters' dtypes and the squared norms in fp32. (F.layer_norm under CUDA
+autocast instead runs in fp32 and returns fp32.)
+
+Speed (gnsrepro/benchmarks/layernorm.py, one H200, 8 × 2048 rows, forward + backward): on the device
+(CUDA-graph replay) 0.38-0.60× PyTorch's time at N = 768 ... 8192 in bf16 and fp32, 53-91% of the
+measured copy bandwidth. In eager mode the Python host cost (autograd.Function, three Triton launches;
+about 0.25-0.4 ms per forward+backward on that machine's host, against about 0.1 ms for PyTorch's C++
+path) dominates below N = 4096: see the benchmark's table for both columns.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # (M, N) input rows, contiguous, fp32 | bf16 | fp16
+    W,  # (N,) weight γ, any float dtype
+    BIAS,  # (N,) bias β; a dummy pointer when HAS_BIAS is False
+    Y,  # (M, N) output, x's dtype
+    STATS,  # (2, M) fp32: row 0 the means, row 1 the rstd = 1/sqrt(var + eps)
+    M,
+    N,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # next power of two >= N: a whole row sits in registers
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    # statistics in fp32 whatever the input dtype; two-pass variance on the row held in registers
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        beta = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = y + beta[None, :]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(STATS + rows, mean, mask=rmask)
+    tl.store(STATS + M + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _bwd_load(
+    X,  # (M, N) input rows, contiguous
+    DY,  # (M, N) incoming gradient rows, contiguous
+    STATS,  # (2, M) fp32 mean and rstd from the forward
+    rows,  # (BLOCK_M,) row indices of this tile
+    rmask,  # (BLOCK_M,) which of them are real rows
+    cols,  # (BLOCK_N,) column indices
+    cmask,  # (BLOCK_N,) which of them are real columns
+    M,
+    N,
+):
+    """Issue one tile's loads: x and dy in their own dtype, mean and rstd in fp32."""
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0)
+    dy = tl.load(DY + offs, mask=mask, other=0.0)
+    mean = tl.load(STATS + rows, mask=rmask, other=0.0)
+    rstd = tl.load(STATS + M + rows, mask=rmask, other=0.0)
+    return x, dy, mean, rstd
+
+
+@triton.jit
+def _bwd_rows(
+    X,  # (M, N) input rows, contiguous
+    DY,  # (M, N) incoming gradient rows, contiguous
+    STATS,  # (2, M) fp32 mean and rstd
+    DX,  # (M, N) gradient w.r.t. x, written here in x's dtype
+    SQ,  # (B, K) fp32 per-example squared norms; written only when PER_ROW_SQ (rows are examples)
+    w,  # (BLOCK_N,) fp32 weight, 0 past N
+    row_lo,  # first row of the run
+    row_hi,  # one past its last row
+    n_rows,  # rows the loop covers (>= row_hi - row_lo, a multiple of BLOCK_M; the rest is masked)
+    M,
+    N,
+    PER_ROW_SQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dx for rows [row_lo, row_hi); returns Σ dy ⊙ x̂ and Σ dy over them, per column (fp32 registers).
+
+    The next tile's loads are issued before this tile's arithmetic (software prefetch), so each program
+    keeps two tiles of x and dy in flight instead of waiting on every load.
+    """
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # partial dγ, reduced over rows at the end
+    acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # partial dβ
+    rows = row_lo + tl.arange(0, BLOCK_M)
+    rmask = rows < row_hi
+    x, dy, mean, rstd = _bwd_load(X, DY, STATS, rows, rmask, cols, cmask, M, N)
+    for _ in range(0, n_rows, BLOCK_M):
+        nrows = rows + BLOCK_M
+        nmask = nrows < row_hi
+        nx, ndy, nmean, nrstd = _bwd_load(X, DY, STATS, nrows, nmask, cols, cmask, M, N)
+        # this tile, in fp32
+        mask = rmask[:, None] & cmask[None, :]
+        xf = x.to(tl.float32)
+        dyf = dy.to(tl.float32)
+        xhat = tl.where(mask, (xf - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dyf
+        c1 = tl.sum(xhat * wdy, axis=1) / N  # mean over the row of dy·γ ⊙ x̂
+        c2 = tl.sum(wdy, axis=1) / N  # mean over the row of dy·γ
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        gw = dyf * xhat
+        acc_w += gw
+        if HAS_BIAS:
+            acc_b += dyf
+        if PER_ROW_SQ:
+            tl.store(SQ + rows * K, tl.sum(gw * gw, axis=1), mask=rmask)
+            if HAS_BIAS:
+                tl.store(SQ + rows * K + 1, tl.sum(dyf * dyf, axis=1), mask=rmask)
+        x, dy, mean, rstd, rows, rmask = nx, ndy, nmean, nrstd, nrows, nmask
+    return acc_w, acc_b
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    X,  # (M, N) input rows, contiguous; M = NUM_EX * T
+    DY,  # (M, N) incoming gradient, contiguous
+    W,  # (N,) weight γ
+    STATS,  # (2, M) fp32 mean and rstd from the forward
+    DX,  # (M, N) output gradient w.r.t. x, x's dtype
+    PART,  # (K, P, N) fp32: per program, Σ dy ⊙ x̂ (and Σ dy) over its rows (MODE 2: program b*C + c)
+    SQ,  # (NUM_EX, K) fp32: per-example |dγ_b|², |dβ_b|² (MODE 0 and 1 only; MODE 2 leaves it)
+    M,
+    N,
+    T,  # rows per example
+    NUM_EX,  # examples B
+    P,  # programs
+    G,  # MODE 1: examples per program
+    C,  # MODE 2: chunks per example
+    R,  # MODE 0: rows per program; MODE 2: rows per chunk (both multiples of BLOCK_M)
+    HAS_BIAS: tl.constexpr,
+    K: tl.constexpr,  # columns of SQ: 2 with a bias, else 1
+    MODE: tl.constexpr,  # 0: T == 1, rows are examples; 1: G whole examples; 2: one chunk of one example
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    if MODE == 0:
+        # a run of R rows, each its own example: squared norms straight from each row
+        lo = pid * R
+        tot_w, tot_b = _bwd_rows(
+            X, DY, STATS, DX, SQ, w, lo, tl.minimum(lo + R, M), R, M, N, True, HAS_BIAS, K, BLOCK_M, BLOCK_N
+        )
+    elif MODE == 1:
+        # G whole examples per program: each example's sum over its T rows completes in registers
+        tot_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        tot_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        t_pad = tl.cdiv(T, BLOCK_M) * BLOCK_M
+        for e in range(0, G):
+            b = pid * G + e
+            lo = b * T
+            hi = tl.where(b < NUM_EX, lo + T, lo)  # past the last example: nothing to do
+            acc_w, acc_b = _bwd_rows(
+                X, DY, STATS, DX, SQ, w, lo, hi, t_pad, M, N, False, HAS_BIAS, K, BLOCK_M, BLOCK_N
+            )
+            ex_w = tl.sum(acc_w, axis=0)  # dγ_b
+            tl.store(SQ + b * K, tl.sum(ex_w * ex_w, axis=0), mask=b < NUM_EX)
+            tot_w += acc_w
+            if HAS_BIAS:
+                ex_b = tl.sum(acc_b, axis=0)  # dβ_b
+                tl.store(SQ + b * K + 1, tl.sum(ex_b * ex_b, axis=0), mask=b < NUM_EX)
+                tot_b += acc_b
+    else:
+        # chunk c (R rows) of example b; the per-example sum is finished by the reduce kernel
+        b = pid // C
+        c = pid % C
+        lo = b * T + c * R
+        hi = b * T + tl.minimum(c * R + R, T)
+        tot_w, tot_b = _bwd_rows(X, DY, STATS, DX, SQ, w, lo, hi, R, M, N, False, HAS_BIAS, K, BLOCK_M, BLOCK_N)
+    part = pid * N + cols  # P * N stays far below 2**31 (P is about 2-4 programs per SM)
+    tl.store(PART + part, tl.sum(tot_w, axis=0), mask=cmask)
+    if HAS_BIAS:
+        tl.store(PART + P * N + part, tl.sum(tot_b, axis=0), mask=cmask)
+
+
+@triton.jit
+def _layer_norm_bwd_reduce_kernel(
+    PART,  # (K, NG, NC, N) fp32 partial sums (Σ dy ⊙ x̂, then Σ dy): NG groups (examples) of NC each
+    DW,  # (N,) dγ, weight dtype
+    DB,  # (N,) dβ, bias dtype; dummy when HAS_BIAS is False
+    SQPART,  # (NG, K, NB) fp32 scratch: Σ over one program's columns of (Σ_c PART)²; only when HAS_SQ
+    SQ,  # (NG, K) fp32 output: per-example squared norms; only when HAS_SQ
+    COUNTER,  # (1,) int32, zero between launches: programs done, for the last one to finish SQ
+    NG,
+    NC,
+    N,
+    NB,  # number of column blocks = programs
+    HAS_BIAS: tl.constexpr,
+    HAS_SQ: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_NB: tl.constexpr,  # next power of two >= NB
+):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    bias_off = NG * NC * N  # where the Σ dy partials start (NG * NC = P programs: no int32 overflow)
+    tot_w = tl.zeros([BLOCK_N], dtype=tl.float32)
+    tot_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g0 in range(0, NG, BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        gmask = gs < NG
+        acc_w = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+        for c0 in range(0, NC, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            m = gmask[:, None, None] & (cs < NC)[None, :, None] & cmask[None, None, :]
+            offs = (gs[:, None, None] * NC + cs[None, :, None]) * N + cols[None, None, :]
+            acc_w += tl.sum(tl.load(PART + offs, mask=m, other=0.0), axis=1)
+            if HAS_BIAS:
+                acc_b += tl.sum(tl.load(PART + bias_off + offs, mask=m, other=0.0), axis=1)
+        tot_w += tl.sum(acc_w, axis=0)
+        if HAS_SQ:
+            tl.store(SQPART + (gs * K) * NB + pid, tl.sum(acc_w * acc_w, axis=1), mask=gmask)
+        if HAS_BIAS:
+            tot_b += tl.sum(acc_b, axis=0)
+            if HAS_SQ:
+                tl.store(SQPART + (gs * K + 1) * NB + pid, tl.sum(acc_b * acc_b, axis=1), mask=gmask)
+    tl.store(DW + cols, tot_w.to(DW.dtype.element_ty), mask=cmask)
+    if HAS_BIAS:
+        tl.store(DB + cols, tot_b.to(DB.dtype.element_ty), mask=cmask)
+    if HAS_SQ:
+        # The last program to finish adds up the column blocks' partial squared norms, in a fixed
+        # order (deterministic). The usual semaphore: every thread's stores, a CTA barrier, then one
+        # gpu-scope acq_rel atomic (as CUTLASS's GenericBarrier); the reader loads through L2 (.cg).
+        tl.debug_barrier()
+        done = tl.atomic_add(COUNTER, 1, sem="acq_rel", scope="gpu")
+        if done == NB - 1:
+            nbs = tl.arange(0, BLOCK_NB)
+            for g0 in range(0, NG, BLOCK_G):
+                gs = g0 + tl.arange(0, BLOCK_G)
+                gmask = gs < NG
+                m = gmask[:, None] & (nbs < NB)[None, :]
+                for k in tl.static_range(K):
+                    tile = tl.load(
+                        SQPART + (gs[:, None] * K + k) * NB + nbs[None, :], mask=m, other=0.0, cache_modifier=".cg"
+                    )
+                    tl.store(SQ + gs * K + k, tl.sum(tile, axis=1), mask=gmask)
+            tl.store(COUNTER, 0)  # ready for the next launch (same stream: launches are ordered)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------------
+
+MAX_N = 8192  # the largest hidden size the row-in-registers kernels are built and tested for
+
+# (BLOCK_M rows per program, num_warps) of the forward, by BLOCK_N = next power of two >= N and
+# bytes per element; from gnsrepro.benchmarks.layernorm.sweep() on one H200 (torch 2.11, triton 3.6).
+_FWD_CONFIG = {
+    (1024, 2): (4, 4), (2048, 2): (1, 4), (4096, 2): (2, 8), (8192, 2): (1, 8),
+    (1024, 4): (4, 4), (2048, 4): (2, 16), (4096, 4): (2, 16), (8192, 4): (1, 16),
+}
+# (BLOCK_M, num_warps, backward programs per SM), same keys. More programs per SM put more loads in
+# flight but each writes its own N-float partial sums (more traffic for the reduce stage).
+_BWD_CONFIG = {
+    (1024, 2): (4, 4, 2), (2048, 2): (2, 8, 2), (4096, 2): (1, 8, 2), (8192, 2): (1, 16, 2),
+    (1024, 4): (4, 4, 2), (2048, 4): (2, 16, 2), (4096, 4): (2, 16, 2), (8192, 4): (1, 8, 2),
+}
+_CPU_TARGET_PROGRAMS = 4  # the interpreter runs programs one after another: a handful is plenty
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # (triton.cdiv from Python goes through a slow constexpr wrapper)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _fwd_config(block_n: int, elem_size: int) -> tuple[int, int]:
+    if block_n < 1024:  # small rows: several per program, 4 warps
+        return max(1, min(16, 4096 // block_n)), 4
+    return _FWD_CONFIG[(block_n, 2 if elem_size <= 2 else 4)]
+
+
+def _bwd_config(block_n: int, elem_size: int) -> tuple[int, int, int]:
+    if block_n < 1024:
+        return max(1, min(16, 4096 // block_n)), 4, 2
+    return _BWD_CONFIG[(block_n, 2 if elem_size <= 2 else 4)]
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device, progs_per_sm: int) -> int:
+    if device.type != "cuda":
+        return _CPU_TARGET_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _num_sms(index) * progs_per_sm
+
+
+def _bwd_plan(num_ex: int, T: int, block_m: int, target: int) -> tuple[int, int, int, int, int, int]:
+    """Split rows over about `target` programs: returns (MODE, P programs, G, C, R, BLOCK_M).
+
+    MODE 0 (T == 1): R rows (= examples) per program. MODE 1: G whole examples per program (few rows
+    per example, or one program per example). MODE 2: each example split into C chunks of R rows.
+    """
+    M = num_ex * T
+    if T == 1:
+        R = _cdiv(_cdiv(M, target), block_m) * block_m
+        return 0, _cdiv(M, R), 1, 1, R, block_m
+    block_m = min(block_m, _next_pow2(T))
+    C = min(_cdiv(target, num_ex), _cdiv(T, block_m))
+    if C <= 1:
+        G = _cdiv(num_ex, target)
+        return 1, _cdiv(num_ex, G), G, 1, T, block_m
+    R = _cdiv(_cdiv(T, C), block_m) * block_m
+    C = _cdiv(T, R)
+    if C == 1:
+        return 1, num_ex, 1, 1, T, block_m
+    return 2, num_ex * C, 1, C, R, block_m
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_launch(
+    num_ex: int, T: int, N: int, elem_size: int, has_bias: bool, target: int, block_m: int, num_warps: int
+) -> tuple:
+    """Everything both backward launches need for one shape (cached: Python arithmetic costs µs)."""
+    K = 2 if has_bias else 1
+    block_n = _next_pow2(N)
+    mode, P, G, C, R, bm = _bwd_plan(num_ex, T, block_m, target)
+    has_sq = mode == 2  # MODE 2 reduces (B, C, N) per example, then squares; otherwise sums (1, P, N)
+    NG, NC = (num_ex, C) if has_sq else (1, P)
+    block_n2 = min(block_n, 16)
+    NB = _cdiv(N, block_n2)
+    block_c = min(_next_pow2(NC), 256)
+    block_g = max(1, min(_next_pow2(NG), 4096 // (block_c * block_n2)))
+    main = dict(HAS_BIAS=has_bias, K=K, MODE=mode, BLOCK_M=bm, BLOCK_N=block_n, num_warps=num_warps)
+    reduce = dict(
+        HAS_BIAS=has_bias, HAS_SQ=has_sq, K=K, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_N=block_n2,
+        BLOCK_NB=_next_pow2(NB), num_warps=4,
+    )
+    return K, P, G, C, R, NG, NC, NB, has_sq, main, reduce
+
+
+_COUNTERS: dict = {}
+
+
+def _counter(device: torch.device) -> Tensor:
+    """A zero int32 per device for the reduce kernel's last-program count; each launch leaves it zero.
+
+    One backward LayerNorm at a time per device (launches on one stream are ordered).
+    """
+    c = _COUNTERS.get(device)
+    if c is None:
+        c = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return c
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers (plain functions on tensors; the autograd Function and the custom ops below call them)
+# --------------------------------------------------------------------------------------------------
+
+
+def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be (B, N) or (B, T, N), got shape {tuple(x.shape)}")
+    N = x.shape[-1]
+    # plain int comparisons: comparing torch.Size with a tuple costs µs on every call
+    if weight.dim() != 1 or weight.shape[0] != N or (bias is not None and (bias.dim() != 1 or bias.shape[0] != N)):
+        raise ValueError(f"weight/bias must be ({N},)")
+    if N > MAX_N:
+        raise ValueError(f"hidden size {N} > {MAX_N} is not supported by the row-in-registers kernel")
+
+
+def layer_norm_forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, block_m: Optional[int] = None,
+    num_warps: Optional[int] = None,
+) -> tuple[Tensor, Tensor]:
+    """y (x's shape and dtype) and stats (2, M) fp32 = (mean, rstd) of the M rows of x."""
+    _check(x, weight, bias)
+    N = x.shape[-1]
+    x2 = x.contiguous()  # a copy only when x is not contiguous
+    M = x2.numel() // N
+    y = torch.empty_like(x2)
+    stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
+    block_n = _next_pow2(N)
+    bm, nw = _fwd_config(block_n, x.element_size())
+    bm = block_m or bm
+    if M > 0:
+        _layer_norm_fwd_kernel[(_cdiv(M, bm),)](
+            x2, weight, bias if bias is not None else weight, y, stats, M, N, eps,
+            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=block_n, num_warps=num_warps or nw,
+        )
+    return y, stats
+
+
+def layer_norm_backward(
+    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: Tensor,
+    block_m: Optional[int] = None, num_warps: Optional[int] = None, target_programs: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """dx (x's shape, dtype), dweight, dbias (or None), per-example squared norms (B, k) fp32."""
+    N = x.shape[-1]
+    num_ex = x.shape[0]
+    T = x.shape[1] if x.dim() == 3 else 1
+    has_bias = bias is not None
+    x2 = x.contiguous()
+    dy2 = dy.contiguous()
+    M = num_ex * T
+    dev = x.device
+    dx = torch.empty_like(x2)
+    dw = torch.empty_like(weight)
+    db = torch.empty_like(bias) if has_bias else None
+    if M == 0:
+        dw.zero_()
+        if db is not None:
+            db.zero_()
+        return dx, dw, db, torch.zeros(num_ex, 2 if has_bias else 1, dtype=torch.float32, device=dev)
+    bm, nw, per_sm = _bwd_config(_next_pow2(N), x.element_size())
+    target = target_programs or _target_programs(dev, per_sm)
+    K, P, G, C, R, NG, NC, NB, has_sq, main, reduce = _bwd_launch(
+        num_ex, T, N, x.element_size(), has_bias, target, block_m or bm, num_warps or nw
+    )
+    # fp32 workspace: the (K, P, N) partial sums, then (MODE 2) the (B, K, NB) partial squared norms
+    work = torch.empty(K * P * N + (num_ex * K * NB if has_sq else 0), dtype=torch.float32, device=dev)
+    sq = torch.empty((num_ex, K), dtype=torch.float32, device=dev)
+    _layer_norm_bwd_kernel[(P,)](x2, dy2, weight, stats, dx, work, sq, M, N, T, num_ex, P, G, C, R, **main)
+    _layer_norm_bwd_reduce_kernel[(NB,)](
+        work, dw, db if has_bias else dw, work[K * P * N:] if has_sq else work, sq,
+        _counter(dev) if has_sq else sq, NG, NC, N, NB, **reduce,
+    )
+    return dx, dw, db, sq
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd: a torch.autograd.Function in eager mode (the cheapest on the host: every µs of Python
+# here is paid on each call), and torch.library custom ops with the same launchers for torch.compile,
+# which keeps them as opaque nodes (fake kernels for tracing, a registered autograd formula).
+# --------------------------------------------------------------------------------------------------
+
+
+class _LayerNormPerExample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, sink, eps):
+        # sink is an input only so that autograd routes the per-example norms to it; it is never read
+        y, stats = layer_norm_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.has_sink = sink is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, stats = ctx.saved_tensors
+        dx, dw, db, sq = layer_norm_backward(dy, x, weight, bias, stats)
+        return dx, dw, db, (sq if ctx.has_sink else None), None
+
+
+@torch.library.custom_op("gnsrepro::layer_norm_pe_fwd", mutates_args=())
+def _layer_norm_pe_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], sink: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor]:
+    return layer_norm_forward(x, weight, bias, eps)
+
+
+@_layer_norm_pe_fwd.register_fake
+def _(x, weight, bias, sink, eps):
+    M = x.numel() // x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((2, M), dtype=torch.float32)
+
+
+@torch.library.custom_op("gnsrepro::layer_norm_pe_bwd", mutates_args=())
+def _layer_norm_pe_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dw, db, sq = layer_norm_backward(dy, x, weight, bias, stats)
+    # a custom op cannot return None: an empty tensor stands for "no bias"
+    return dx, dw, db if db is not None else weight.new_empty(0), sq
+
+
+@_layer_norm_pe_bwd.register_fake
+def _(dy, x, weight, bias, stats):
+    K = 2 if bias is not None else 1
+    db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
+    sq = x.new_empty((x.shape[0], K), dtype=torch.float32)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), db, sq
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, sink, eps = inputs
+    _, stats = output
+    ctx.save_for_backward(x, weight, bias, stats)
+    ctx.has_sink = sink is not None
+    ctx.mark_non_differentiable(stats)
+
+
+def _backward(ctx, dy, _dstats):
+    x, weight, bias, stats = ctx.saved_tensors
+    dx, dw, db, sq = torch.ops.gnsrepro.layer_norm_pe_bwd(dy, x, weight, bias, stats)
+    return dx, dw, (db if bias is not None else None), (sq if ctx.has_sink else None), None
+
+
+_layer_norm_pe_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer_norm_per_example(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, sink: Optional[Tensor]
+) -> Tensor:
+    """LayerNorm over the last dim of x ((B, T, N) or (B, N)) whose backward writes per-example norms.
+
+    sink: float32 leaf (B, k), requires_grad, k = 2 with a bias else 1; its value is unused. After
+    backward, sink.grad[:, 0] += |dγ_b|² and sink.grad[:, 1] += |dβ_b|² (from dy as it arrives).
+    Pass None to skip the per-example output (the kernel still runs the same way).
+    Eager calls go through a torch.autograd.Function; under torch.compile through the custom ops.
+    """
+    if sink is not None:
+        k = 2 if bias is not None else 1
+        if sink.dim() != 2 or sink.shape[0] != x.shape[0] or sink.shape[1] != k or sink.dtype != torch.float32:
+            raise ValueError(f"sink must be float32 of shape ({x.shape[0]}, {k}), got {sink.dtype} {tuple(sink.shape)}")
+    if torch.compiler.is_compiling():
+        return torch.ops.gnsrepro.layer_norm_pe_fwd(x, weight, bias, sink, float(eps))[0]
+    return _LayerNormPerExample.apply(x, weight, bias, sink, float(eps))
+
+
+def layer_norm_per_example_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, sink: Optional[Tensor]
+) -> Tensor:
+    """The same through the registered custom ops, also in eager mode (what torch.compile records)."""
+    return torch.ops.gnsrepro.layer_norm_pe_fwd(x, weight, bias, sink, float(eps))[0]
+
+
+@torch.compiler.disable
+def _new_sink(num_ex: int, k: int, device: torch.device) -> Tensor:
+    """A fresh float32 zero leaf (B, k) that requires grad (outside any compiled graph)."""
+    return torch.zeros(num_ex, k, dtype=torch.float32, device=device, requires_grad=True)
+
+
+class TritonLayerNorm(nn.Module):
+    """nn.LayerNorm over the last dimension, with per-example gradient norms in ``last_sink.grad``.
+
+    Every forward allocates a fresh zero sink of shape (B, k); after backward, ``self.last_sink.grad``
+    holds |dγ_b|² (column 0) and |dβ_b|² (column 1, with bias) for that forward's examples. Dynamo
+    cannot create a leaf that requires grad inside a graph, so under torch.compile(fullgraph=True)
+    pass the sink in: ``ln(x, sink)`` (it is then also kept in ``last_sink``).
+    """
+
+    def __init__(self, ndim: int, bias: bool = True, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.eps = eps
+        self.last_sink: Optional[Tensor] = None
+
+    def forward(self, x: Tensor, sink: Optional[Tensor] = None) -> Tensor:
+        if sink is None:
+            sink = _new_sink(x.shape[0], 2 if self.bias is not None else 1, x.device)
+        self.last_sink = sink
+        return layer_norm_per_example(x, self.weight, self.bias, self.eps, sink)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain-PyTorch reference (explicit formulas, fp32)
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_norm_per_example_reference(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, dy: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+    """(y, dx, dweight, dbias, sq_weight (B,), sq_bias (B,) or None), all in fp32 from explicit formulas.
+
+    x̂ = (x − mean)·rstd;  y = x̂γ + β;  dx = rstd·(dy·γ − mean(dy·γ) − x̂·mean(dy·γ ⊙ x̂));
+    dγ_b = Σ_t dy ⊙ x̂, dβ_b = Σ_t dy (per example, T = 1 for a 2-D x); sq = Σ_N of their squares.
+    """
+    x3 = (x if x.dim() == 3 else x.unsqueeze(1)).float()  # (B, T, N)
+    dy3 = (dy if dy.dim() == 3 else dy.unsqueeze(1)).float()
+    w = weight.float()
+    mean = x3.mean(-1, keepdim=True)
+    var = ((x3 - mean) ** 2).mean(-1, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat = (x3 - mean) * rstd
+    y = xhat * w + (bias.float() if bias is not None else 0.0)
+    wdy = dy3 * w
+    dx = rstd * (wdy - wdy.mean(-1, keepdim=True) - xhat * (wdy * xhat).mean(-1, keepdim=True))
+    gw = (dy3 * xhat).sum(1)  # (B, N) per-example dγ_b
+    gb = dy3.sum(1)  # (B, N) per-example dβ_b
+    sq_w = gw.pow(2).sum(-1)
+    sq_b = gb.pow(2).sum(-1) if bias is not None else None
+    db = gb.sum(0) if bias is not None else None
+    return y.view(x.shape), dx.view(x.shape), gw.sum(0), db, sq_w, sq_b
