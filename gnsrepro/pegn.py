@@ -417,7 +417,8 @@ class PerExampleLayerNorm(_SinkOwner, LayerNorm):
 
     backend "torch": the plain-PyTorch Function above, which torch.compile fuses into one LayerNorm
     backward; "triton": the hand-fused kernel gnsrepro.kernels.layer_norm.layer_norm_per_example (one
-    pass over x and dy, fp32 sink), the fast path without compile.
+    pass over x and dy, fp32 sink). Under autocast the triton backend returns the autocast dtype (see
+    forward), the torch backend x's dtype.
     """
 
     eps = 1e-5  # as gnsrepro.model.LayerNorm
@@ -435,7 +436,10 @@ class PerExampleLayerNorm(_SinkOwner, LayerNorm):
         if self.backend == "triton":
             from gnsrepro.kernels.layer_norm import layer_norm_per_example
 
-            return layer_norm_per_example(x, self.weight, self.bias, self.eps, self.sink)
+            # Under autocast y is written in the autocast dtype: its consumers (Linear layers, the output
+            # head) cast it to that dtype anyway, so the values are the same and a cast pass is saved.
+            out_dtype = _compute_dtype(x) if torch.is_autocast_enabled(x.device.type) else None
+            return layer_norm_per_example(x, self.weight, self.bias, self.eps, self.sink, out_dtype=out_dtype)
         return _LayerNormFn.apply(x, self.weight, self.bias, self.sink, self.eps)
 
 

@@ -5,6 +5,8 @@ and the kernel against torch.nn.functional.layer_norm's autograd. CPU runs the k
 interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are small; GPU tests are marked.
 """
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,8 +233,9 @@ def test_custom_ops_pass_opcheck():
     x, w, b, dy = make((2, 3, 7))
     sink = torch.zeros(2, 2, device=DEV, requires_grad=True)
     torch.library.opcheck(
-        torch.ops.gnsrepro.layer_norm_pe_fwd.default, (x.requires_grad_(), w.requires_grad_(), b, sink, EPS)
+        torch.ops.gnsrepro.layer_norm_pe_fwd.default, (x.requires_grad_(), w.requires_grad_(), b, sink, EPS, None)
     )
+    torch.library.opcheck(torch.ops.gnsrepro.layer_norm_pe_fwd.default, (x, w, b, sink, EPS, torch.bfloat16))
     _, stats = K.layer_norm_forward(x.detach(), w.detach(), b, EPS)
     torch.library.opcheck(torch.ops.gnsrepro.layer_norm_pe_bwd.default, (dy, x.detach(), w.detach(), b, stats))
     torch.library.opcheck(torch.ops.gnsrepro.layer_norm_pe_bwd.default, (dy, x.detach(), w.detach(), None, stats))
@@ -250,6 +253,32 @@ def test_custom_op_path_matches_autograd_function_path(bias):
         fn(xs, ws, bs, EPS, sink).backward(dy)
         outs.append([xs.grad, ws.grad, sink.grad] + ([bs.grad] if bias else []))
     for a, c in zip(*outs):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["function", "custom_op"])
+def test_out_dtype_equals_casting_the_fp32_output(op):
+    """y written in bf16 from fp32 x is y.to(bf16); a bf16 dy gives the same grads as its fp32 upcast."""
+    fn = layer_norm_per_example if op == "function" else K.layer_norm_per_example_op
+    x, w, b, dy = make((3, 5, 33))
+    dy = dy.to(torch.bfloat16)
+    grads = []
+    for out_dtype in (None, torch.bfloat16):
+        xs, ws, bs = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+        sink = torch.zeros(3, 2, device=DEV, requires_grad=True)
+        y = fn(xs, ws, bs, EPS, sink, out_dtype=out_dtype)
+        if out_dtype is None:
+            y_ref = y.detach().to(torch.bfloat16)
+            y = y.to(torch.bfloat16)  # what a Linear under autocast does with an fp32 input
+        else:
+            assert y.dtype == torch.bfloat16
+            # the GPU rounds to nearest even like torch; the CPU interpreter truncates (1 bf16 ulp)
+            ulp = 2.0**-7 if os.environ.get("TRITON_INTERPRET") == "1" else 0.0
+            torch.testing.assert_close(y.detach(), y_ref, rtol=ulp, atol=0)
+        y.backward(dy)
+        assert xs.grad.dtype == torch.float32
+        grads.append([xs.grad, ws.grad, bs.grad, sink.grad])
+    for a, c in zip(*grads):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 

@@ -66,7 +66,7 @@ def _layer_norm_fwd_kernel(
     X,  # (M, N) input rows, contiguous, fp32 | bf16 | fp16
     W,  # (N,) weight γ, any float dtype
     BIAS,  # (N,) bias β; a dummy pointer when HAS_BIAS is False
-    Y,  # (M, N) output, x's dtype
+    Y,  # (M, N) output, x's dtype or the out_dtype asked for
     STATS,  # (2, M) fp32: row 0 the means, row 1 the rstd = 1/sqrt(var + eps)
     M,
     N,
@@ -74,6 +74,7 @@ def _layer_norm_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # next power of two >= N: a whole row sits in registers
+    DOWNCAST: tl.constexpr,  # Y narrower than fp32: round to nearest even, as torch's .to() does
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -93,6 +94,8 @@ def _layer_norm_fwd_kernel(
     if HAS_BIAS:
         beta = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
         y = y + beta[None, :]
+    if DOWNCAST:
+        y = y.to(Y.dtype.element_ty, fp_downcast_rounding="rtne")
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(STATS + rows, mean, mask=rmask)
     tl.store(STATS + M + rows, rstd, mask=rmask)
@@ -440,14 +443,14 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
 
 def layer_norm_forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, block_m: Optional[int] = None,
-    num_warps: Optional[int] = None,
+    num_warps: Optional[int] = None, out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor]:
-    """y (x's shape and dtype) and stats (2, M) fp32 = (mean, rstd) of the M rows of x."""
+    """y (x's shape; out_dtype, default x's) and stats (2, M) fp32 = (mean, rstd) of the M rows of x."""
     _check(x, weight, bias)
     N = x.shape[-1]
     x2 = x.contiguous()  # a copy only when x is not contiguous
     M = x2.numel() // N
-    y = torch.empty_like(x2)
+    y = torch.empty_like(x2, dtype=out_dtype)
     stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
     block_n = _next_pow2(N)
     bm, nw = _fwd_config(block_n, x.element_size())
@@ -455,7 +458,8 @@ def layer_norm_forward(
     if M > 0:
         _layer_norm_fwd_kernel[(_cdiv(M, bm),)](
             x2, weight, bias if bias is not None else weight, y, stats, M, N, eps,
-            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=block_n, num_warps=num_warps or nw,
+            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=block_n, DOWNCAST=y.dtype != torch.float32,
+            num_warps=num_warps or nw,
         )
     return y, stats
 
@@ -506,9 +510,9 @@ def layer_norm_backward(
 
 class _LayerNormPerExample(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, sink, eps):
+    def forward(ctx, x, weight, bias, sink, eps, out_dtype):
         # sink is an input only so that autograd routes the per-example norms to it; it is never read
-        y, stats = layer_norm_forward(x, weight, bias, eps)
+        y, stats = layer_norm_forward(x, weight, bias, eps, out_dtype=out_dtype)
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.has_sink = sink is not None
         return y
@@ -517,20 +521,21 @@ class _LayerNormPerExample(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, stats = ctx.saved_tensors
         dx, dw, db, sq = layer_norm_backward(dy, x, weight, bias, stats)
-        return dx, dw, db, (sq if ctx.has_sink else None), None
+        return dx, dw, db, (sq if ctx.has_sink else None), None, None
 
 
 @torch.library.custom_op("gnsrepro::layer_norm_pe_fwd", mutates_args=())
 def _layer_norm_pe_fwd(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], sink: Optional[Tensor], eps: float
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], sink: Optional[Tensor], eps: float,
+    out_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor]:
-    return layer_norm_forward(x, weight, bias, eps)
+    return layer_norm_forward(x, weight, bias, eps, out_dtype=out_dtype)
 
 
 @_layer_norm_pe_fwd.register_fake
-def _(x, weight, bias, sink, eps):
+def _(x, weight, bias, sink, eps, out_dtype):
     M = x.numel() // x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty((2, M), dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty((2, M), dtype=torch.float32)
 
 
 @torch.library.custom_op("gnsrepro::layer_norm_pe_bwd", mutates_args=())
@@ -551,7 +556,7 @@ def _(dy, x, weight, bias, stats):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, sink, eps = inputs
+    x, weight, bias, sink, eps, out_dtype = inputs
     _, stats = output
     ctx.save_for_backward(x, weight, bias, stats)
     ctx.has_sink = sink is not None
@@ -561,20 +566,24 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dstats):
     x, weight, bias, stats = ctx.saved_tensors
     dx, dw, db, sq = torch.ops.gnsrepro.layer_norm_pe_bwd(dy, x, weight, bias, stats)
-    return dx, dw, (db if bias is not None else None), (sq if ctx.has_sink else None), None
+    return dx, dw, (db if bias is not None else None), (sq if ctx.has_sink else None), None, None
 
 
 _layer_norm_pe_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def layer_norm_per_example(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, sink: Optional[Tensor]
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, sink: Optional[Tensor],
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """LayerNorm over the last dim of x ((B, T, N) or (B, N)) whose backward writes per-example norms.
 
     sink: float32 leaf (B, k), requires_grad, k = 2 with a bias else 1; its value is unused. After
     backward, sink.grad[:, 0] += |dγ_b|² and sink.grad[:, 1] += |dβ_b|² (from dy as it arrives).
     Pass None to skip the per-example output (the kernel still runs the same way).
+    out_dtype: y's dtype (default x's). Writing y straight in bf16 when its consumer casts to bf16
+    anyway (a Linear under autocast) gives the same values and saves the cast's pass over memory;
+    dy then arrives in out_dtype, and dx is still in x's dtype.
     Eager calls go through a torch.autograd.Function; under torch.compile through the custom ops.
     """
     if sink is not None:
@@ -582,15 +591,16 @@ def layer_norm_per_example(
         if sink.dim() != 2 or sink.shape[0] != x.shape[0] or sink.shape[1] != k or sink.dtype != torch.float32:
             raise ValueError(f"sink must be float32 of shape ({x.shape[0]}, {k}), got {sink.dtype} {tuple(sink.shape)}")
     if torch.compiler.is_compiling():
-        return torch.ops.gnsrepro.layer_norm_pe_fwd(x, weight, bias, sink, float(eps))[0]
-    return _LayerNormPerExample.apply(x, weight, bias, sink, float(eps))
+        return torch.ops.gnsrepro.layer_norm_pe_fwd(x, weight, bias, sink, float(eps), out_dtype)[0]
+    return _LayerNormPerExample.apply(x, weight, bias, sink, float(eps), out_dtype)
 
 
 def layer_norm_per_example_op(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, sink: Optional[Tensor]
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, sink: Optional[Tensor],
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """The same through the registered custom ops, also in eager mode (what torch.compile records)."""
-    return torch.ops.gnsrepro.layer_norm_pe_fwd(x, weight, bias, sink, float(eps))[0]
+    return torch.ops.gnsrepro.layer_norm_pe_fwd(x, weight, bias, sink, float(eps), out_dtype)[0]
 
 
 @torch.compiler.disable
