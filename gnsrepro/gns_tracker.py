@@ -139,26 +139,28 @@ class GNSTracker:
 
     def end_step(self, batch_size: int, micro_batch_size: int, grad_sq: torch.Tensor) -> None:
         """Close the step: grad_sq (P,) holds |p.grad|² of the all-reduced, unclipped gradient."""
-        small = []
+        # Each source's sum over its small batches; divided into means below. Python-scalar arithmetic
+        # only: a torch.tensor(list, device=...) here would copy from pageable host memory every step,
+        # which makes the host wait for the backward to finish before it queues the optimizer.
+        small, divisors = [], []
         if "per_example" in self.sources:
             n_local = batch_size // self.world_size  # the loss is a mean over this rank's examples
             per_param = torch.zeros_like(grad_sq)
             per_param[self._pe_index] = self.collector.stacked(n_local).sum(dim=1)
             small.append(per_param)  # summed over examples; all-reduced and divided by B below
+            divisors.append(batch_size)
         if "microbatch" in self.sources:
             small.append(self._micro_sq * self.micro_steps**2)  # micro-batch k's mean gradient is m·Δ_k
+            divisors.append(self.micro_steps * self.world_size)
         if "ddp" in self.sources:
             small.append(self._local_sq.clone())
+            divisors.append(self.world_size)
         if not small:
             return
         small_t = torch.stack(small)  # (S, P)
         if self.world_size > 1:
             dist.all_reduce(small_t)
-        divisor = []
-        for s in self.sources:
-            divisor.append({"per_example": batch_size, "microbatch": self.micro_steps * self.world_size,
-                            "ddp": self.world_size}[s])
-        small_t = small_t / torch.tensor(divisor, device=small_t.device, dtype=small_t.dtype)[:, None]
+        small_t = torch.stack([row / d for row, d in zip(small_t.unbind(0), divisors)])
         big_t = grad_sq.expand_as(small_t)
         both = torch.stack([small_t, big_t], dim=1)  # (S, 2, P)
         self._steps.append(self._columns(both))

@@ -1,8 +1,10 @@
 """A nanoGPT-style GPT: pre-LayerNorm, learned positions, GELU MLP of 4d, biases, tied embeddings.
 
 The layer classes are passed in (`Layers`), so per-example-norm instrumented layers replace the plain
-ones without touching any forward(). Read top to bottom: LayerNorm -> attention -> MLP -> Block ->
-config -> GPT.
+ones without touching any forward(). Each residual add is handed to the LayerNorm that follows it
+(`ln(h, residual)`, see LayerNorm), so a fused LayerNorm kernel can do the add in the same pass over
+memory; the values are those of the usual ``x = x + branch(ln(x))``. Read top to bottom: LayerNorm ->
+attention -> MLP -> Block -> config -> GPT.
 """
 
 from __future__ import annotations
@@ -16,15 +18,24 @@ import torch.nn.functional as F
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's cannot drop only the bias)."""
+    """LayerNorm with an optional bias (PyTorch's cannot drop only the bias).
+
+    ``ln(x)`` returns LayerNorm(x). ``ln(x, residual)`` first adds x into the residual stream and
+    returns (LayerNorm(s), s) with s = residual + x: the pre-LN block's residual add, given to the
+    LayerNorm that reads its result so that a fused kernel can do both in one pass over memory (the
+    interface of vLLM's and flash-attn's fused add + norm layers).
+    """
 
     def __init__(self, ndim: int, bias: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        s = residual + x
+        return F.layer_norm(s, self.weight.shape, self.weight, self.bias, 1e-5), s
 
 
 class TiedEmbedding(nn.Module):
@@ -107,9 +118,19 @@ class Block(nn.Module):
         self.ln_2 = layers.layer_norm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config, layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ← x + attn(ln_1(x)); x ← x + mlp(ln_2(x)), with each add done by the LayerNorm after it.
+
+        The residual stream x is carried as (h, residual): x = residual + h, where h is the previous
+        branch's output not yet added (residual None: x = h, the embeddings). Returns the same pair
+        after this block: (mlp output, stream before it).
+        """
+        if residual is None:
+            y, residual = self.ln_1(h), h
+        else:
+            y, residual = self.ln_1(h, residual)
+        y, residual = self.ln_2(self.attn(y), residual)
+        return self.mlp(y), residual
 
 
 @dataclass
@@ -166,10 +187,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
         # (B, T), not (T,): the position embedding then sees each example's own gradient
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device).expand(B, T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        h, residual = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos)), None
         for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
+            h, residual = block(h, residual)
+        x = self.transformer.ln_f(h, residual)[0] if residual is not None else self.transformer.ln_f(h)
         if targets is None:  # inference: logits of the last position only
             return self.transformer.wte.unembed(x[:, [-1], :]), None
         logits = self.transformer.wte.unembed(x)

@@ -46,10 +46,7 @@ them: each rank's sink.grad holds its own examples' norms, with n the rank's loc
 torch.compile: a GPT built from these layers compiles with fullgraph=True (no graph break, the tied
 embedding's stash included; tests/test_pegn.py) and gives the eager norms on torch 2.11 and 2.13. The
 micro-batch size is specialised (the sink shape check and the chunk loop): one graph per micro-batch
-size. Measured on one H200 (torch 2.11, 111M GPT, 8 × 2048 tokens, bf16 autocast, compiled, step =
-forward + backward): plain 31.7 ms; mode "ln" 31.7 ms with the torch backend (inductor fuses the
-per-example sums into its LayerNorm backward) and 32.9 ms with the Triton kernel (an opaque custom op);
-mode "all" 34.4 ms (torch LayerNorm) / 36.0 ms (Triton LayerNorm), i.e. 1.09x / 1.14x.
+size. Step time with gns=ln / all relative to gns=off: `gnsrepro bench overhead` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -430,17 +427,24 @@ class PerExampleLayerNorm(_SinkOwner, LayerNorm):
     def sink_dtype(self) -> torch.dtype:
         return torch.float32 if self.backend == "triton" else _acc_dtype(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """LayerNorm(x), or (LayerNorm(s), s) for s = residual + x, as gnsrepro.model.LayerNorm."""
         if x.dim() < 2 or not self._use_sink(x.shape[0]):
-            return super().forward(x)
+            return super().forward(x, residual)
         if self.backend == "triton":
             from gnsrepro.kernels.layer_norm import layer_norm_per_example
 
             # Under autocast y is written in the autocast dtype: its consumers (Linear layers, the output
             # head) cast it to that dtype anyway, so the values are the same and a cast pass is saved.
+            # The residual add is fused into the kernel (s in the promoted dtype, as residual + x).
             out_dtype = _compute_dtype(x) if torch.is_autocast_enabled(x.device.type) else None
-            return layer_norm_per_example(x, self.weight, self.bias, self.eps, self.sink, out_dtype=out_dtype)
-        return _LayerNormFn.apply(x, self.weight, self.bias, self.sink, self.eps)
+            return layer_norm_per_example(
+                x, self.weight, self.bias, self.eps, self.sink, out_dtype=out_dtype, residual=residual
+            )
+        if residual is None:
+            return _LayerNormFn.apply(x, self.weight, self.bias, self.sink, self.eps)
+        s = residual + x
+        return _LayerNormFn.apply(s, self.weight, self.bias, self.sink, self.eps), s
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:

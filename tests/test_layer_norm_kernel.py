@@ -138,8 +138,8 @@ def test_every_work_split_matches_reference(num_ex, T, N, block_m, target, mode)
     shape = (num_ex, T, N) if T > 1 else (num_ex, N)
     for bias in (True, False):
         x, w, b, dy = make(shape, bias=bias, scales=[10.0 ** ((i % 5) - 2) for i in range(num_ex)])
-        y, stats = K.layer_norm_forward(x, w, b, EPS, block_m=block_m)
-        dx, dw, db, sq = K.layer_norm_backward(dy, x, w, b, stats, block_m=block_m, target_programs=target)
+        y, stats, _ = K.layer_norm_forward(x, w, b, EPS, block_m=block_m)
+        dx, dw, db, sq, _ = K.layer_norm_backward(dy, x, w, b, stats, block_m=block_m, target_programs=target)
         ry, rdx, rdw, rdb, rsw, rsb = layer_norm_per_example_reference(x, w, b, EPS, dy)
         assert rel(y, ry) < 1e-5 and rel(dx, rdx) < 1e-5 and rel(dw, rdw) < 1e-5
         assert (sq[:, 0] - rsw).abs().le(1e-5 * rsw).all()
@@ -150,11 +150,11 @@ def test_every_work_split_matches_reference(num_ex, T, N, block_m, target, mode)
 def test_backward_is_deterministic_and_leaves_its_counter_at_zero():
     """MODE 2 finishes the per-example norms in the last reduce program (an atomic counter)."""
     x, w, b, dy = make((2, 13, 33), scales=[1e2, 1e-2])
-    _, stats = K.layer_norm_forward(x, w, b, EPS)
+    _, stats, _ = K.layer_norm_forward(x, w, b, EPS)
     first = K.layer_norm_backward(dy, x, w, b, stats, block_m=2, target_programs=6)
     for _ in range(3):
         again = K.layer_norm_backward(dy, x, w, b, stats, block_m=2, target_programs=6)
-        for a, c in zip(first, again):
+        for a, c in zip(first[:4], again[:4]):
             assert torch.equal(a, c)
     assert K._counter(x.device).item() == 0
 
@@ -233,12 +233,13 @@ def test_custom_ops_pass_opcheck():
     x, w, b, dy = make((2, 3, 7))
     sink = torch.zeros(2, 2, device=DEV, requires_grad=True)
     torch.library.opcheck(
-        torch.ops.gnsrepro.layer_norm_pe_fwd.default, (x.requires_grad_(), w.requires_grad_(), b, sink, EPS, None)
+        torch.ops.gnsrepro.layer_norm_pe_fwd.default, (x.requires_grad_(), None, w.requires_grad_(), b, sink, EPS, None)
     )
-    torch.library.opcheck(torch.ops.gnsrepro.layer_norm_pe_fwd.default, (x, w, b, sink, EPS, torch.bfloat16))
-    _, stats = K.layer_norm_forward(x.detach(), w.detach(), b, EPS)
-    torch.library.opcheck(torch.ops.gnsrepro.layer_norm_pe_bwd.default, (dy, x.detach(), w.detach(), b, stats))
-    torch.library.opcheck(torch.ops.gnsrepro.layer_norm_pe_bwd.default, (dy, x.detach(), w.detach(), None, stats))
+    torch.library.opcheck(torch.ops.gnsrepro.layer_norm_pe_fwd.default, (x, None, w, b, sink, EPS, torch.bfloat16))
+    _, stats, _ = K.layer_norm_forward(x.detach(), w.detach(), b, EPS)
+    bwd = torch.ops.gnsrepro.layer_norm_pe_bwd.default
+    torch.library.opcheck(bwd, (dy, None, x.detach(), w.detach(), b, stats, None))
+    torch.library.opcheck(bwd, (dy, None, x.detach(), w.detach(), None, stats, None))
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -282,6 +283,67 @@ def test_out_dtype_equals_casting_the_fp32_output(op):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
+def check_residual_against_unfused(shape, r_dtype, use_s, fn, device=DEV, scales=None):
+    """Fused (y, s) = (LN(x + r), x + r) against torch's add then F.layer_norm, and the reference norms.
+
+    The loss reads y through dy and, when use_s, s through ds (the next block's residual input).
+    """
+    x, w, b, dy = make(shape, scales=scales, device=device)
+    r = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2).to(device=device, dtype=r_dtype)
+    ds = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(device) if use_s else None
+    grads = []
+    for fused in (True, False):
+        xs, rs = x.clone().requires_grad_(), r.clone().requires_grad_()
+        ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
+        sink = torch.zeros(shape[0], 2, device=device, requires_grad=True)
+        if fused:
+            y, s = fn(xs, ws, bs, EPS, sink, residual=rs)
+        else:
+            s = xs + rs
+            y = F.layer_norm(s, (shape[-1],), ws, bs, EPS)
+        assert s.dtype == torch.promote_types(x.dtype, r_dtype)
+        loss = (y * dy).sum() + ((s * ds).sum() if use_s else 0)
+        loss.backward()
+        grads.append((y.detach(), s.detach(), xs.grad, rs.grad, ws.grad, bs.grad, sink.grad))
+    (y, s, gx, gr, gw, gb, sq), (ry, rs_, rgx, rgr, rgw, rgb, _) = grads
+    torch.testing.assert_close(s, rs_, rtol=0, atol=0)  # the add in fp32, rounded once: as torch
+    assert gx.dtype == x.dtype and gr.dtype == r_dtype
+    assert rel(y, ry) < 1e-5 and rel(gx, rgx) < 1e-5 and rel(gw, rgw) < 1e-5 and rel(gb, rgb) < 1e-5
+    assert rel(gr, rgr) < (1e-5 if r_dtype == torch.float32 else TOL_VS_TORCH[r_dtype])
+    _, _, _, _, rsw, rsb = layer_norm_per_example_reference(rs_, w, b, EPS, dy)
+    assert rel(sq[:, 0], rsw) < 1e-5 and rel(sq[:, 1], rsb) < 1e-5
+
+
+@pytest.mark.parametrize("op", ["function", "custom_op"])
+@pytest.mark.parametrize("r_dtype", [torch.float32, torch.bfloat16], ids=["r_fp32", "r_bf16"])
+@pytest.mark.parametrize("use_s", [True, False], ids=["s_used", "s_unused"])
+@pytest.mark.parametrize("shape", [(2, 13, 33), (5, 33)], ids=["3d", "2d"])
+def test_fused_residual_add_matches_add_then_layer_norm(op, r_dtype, use_s, shape):
+    fn = layer_norm_per_example if op == "function" else K.layer_norm_per_example_op
+    check_residual_against_unfused(shape, r_dtype, use_s, fn, scales=[10.0 ** (i % 3 - 1) for i in range(shape[0])])
+
+
+def test_residual_of_another_shape_is_refused():
+    x, w, b, _ = make((2, 3, 8))
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        layer_norm_per_example(x, w, b, EPS, None, residual=torch.zeros(2, 8, device=DEV))
+
+
+def test_custom_ops_with_residual_pass_opcheck():
+    x, w, b, dy = make((2, 3, 7))
+    r = torch.randn(2, 3, 7, device=DEV).to(torch.bfloat16)
+    sink = torch.zeros(2, 2, device=DEV, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.gnsrepro.layer_norm_pe_fwd.default,
+        (x.requires_grad_(), r.requires_grad_(), w.requires_grad_(), b, sink, EPS, torch.bfloat16),
+    )
+    _, stats, s = K.layer_norm_forward(x.detach(), w.detach(), b, EPS, residual=r.detach())
+    ds = torch.randn_like(s)
+    torch.library.opcheck(
+        torch.ops.gnsrepro.layer_norm_pe_bwd.default, (dy, ds, s, w.detach(), b, stats, torch.bfloat16)
+    )
+
+
 def test_torch_compile_fullgraph_no_graph_break():
     torch._dynamo.reset()
 
@@ -323,6 +385,15 @@ def test_gpu_matches_torch_and_reference(N, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("N", [768, 1000, 4096])
+@pytest.mark.parametrize("r_dtype", [torch.float32, torch.bfloat16], ids=["r_fp32", "r_bf16"])
+def test_gpu_fused_residual_add(N, r_dtype):
+    for op in (layer_norm_per_example, K.layer_norm_per_example_op):
+        check_residual_against_unfused((4, 257, N), r_dtype, True, op, device="cuda", scales=[1e2, 1.0, 1e-2, 10.0])
+        check_residual_against_unfused((300, N), r_dtype, False, op, device="cuda")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gpu_weight_in_input_dtype_and_many_examples(dtype):
     x, w, b, dy = make((600, 5, 768), dtype, device="cuda")  # one program owns several whole examples
@@ -334,11 +405,11 @@ def test_gpu_benchmark_shape_matches_torch_and_repeats_bitwise():
     x, w, b, dy = make((8, 2048, 2048), torch.bfloat16, device="cuda")
     check_against_torch_and_reference(x, w, b, dy)
     # a race in the reduce kernel's last-program count would show as runs that differ
-    _, stats = K.layer_norm_forward(x, w, b, EPS)
+    _, stats, _ = K.layer_norm_forward(x, w, b, EPS)
     first = K.layer_norm_backward(dy, x, w, b, stats)
     for _ in range(20):
         again = K.layer_norm_backward(dy, x, w, b, stats)
-        for a, c in zip(first, again):
+        for a, c in zip(first[:4], again[:4]):
             assert torch.equal(a, c)
     assert K._counter(x.device).item() == 0
 

@@ -259,7 +259,7 @@ def _sweep_one(device, dname: str, N: int, steps: int, flush, nsm: int, per_sms,
     x, w, b, dy, _ = _cases(device, DTYPES[dname], N)
     x, w, b = x.detach(), w.detach(), b.detach()
     block_n = triton.next_power_of_2(N)
-    _, stats = K.layer_norm_forward(x, w, b, EPS)
+    _, stats, _ = K.layer_norm_forward(x, w, b, EPS)
 
     def fwd(bm, nw):
         return lambda: K.layer_norm_forward(x, w, b, EPS, block_m=bm, num_warps=nw)
@@ -315,7 +315,7 @@ def host_overheads(device) -> dict:
     b = torch.zeros(768, device=device, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
     sink = torch.zeros(4, 2, device=device, requires_grad=True)
-    y0, stats = K.layer_norm_forward(x.detach(), w.detach(), b.detach(), EPS)
+    y0, stats, _ = K.layer_norm_forward(x.detach(), w.detach(), b.detach(), EPS)
 
     class Identity(torch.autograd.Function):  # autograd's own cost, no kernels
         @staticmethod
@@ -340,7 +340,8 @@ def host_overheads(device) -> dict:
         "layer_norm_forward launcher": lambda: K.layer_norm_forward(x, w, b, EPS),
         "layer_norm_backward launcher": lambda: K.layer_norm_backward(dy, x, w, b, stats),
         "fwd kernel launch only": lambda: K._layer_norm_fwd_kernel[(8,)](
-            x, w, b, y0, stats, 32, 768, EPS, HAS_BIAS=True, BLOCK_M=4, BLOCK_N=1024, num_warps=4
+            x, x, x, w, b, y0, stats, 32, 768, EPS, HAS_RES=False, HAS_BIAS=True, BLOCK_M=4, BLOCK_N=1024,
+            DOWNCAST=False, num_warps=4,
         ),
     }
     return {name: _host_us(fn) for name, fn in fns.items()}

@@ -39,11 +39,18 @@ Both call the same launchers. Autocast: the ops are not autocast-aware; they see
 dtype, dγ/dβ in the parameters' dtypes and the squared norms in fp32. (F.layer_norm under CUDA
 autocast instead runs in fp32 and returns fp32.)
 
-Speed (gnsrepro/benchmarks/layernorm.py, one H200, 8 × 2048 rows, forward + backward): on the device
-(CUDA-graph replay) 0.38-0.60× PyTorch's time at N = 768 ... 8192 in bf16 and fp32, 53-91% of the
-measured copy bandwidth. In eager mode the Python host cost (autograd.Function, three Triton launches;
-about 0.25-0.4 ms per forward+backward on that machine's host, against about 0.1 ms for PyTorch's C++
-path) dominates below N = 4096: see the benchmark's table for both columns.
+Fused residual add (``residual=``): a pre-LN transformer computes s = x + branch(...) and then
+LayerNorm(s); passing the branch output as x and the stream as residual lets the forward kernel write
+s and y in one pass, and the backward add s's incoming gradient into dx (and write the narrower
+input's gradient in its own dtype), as inductor does when it fuses its own LayerNorm with the add.
+Without it the kernel, an opaque op to inductor, costs an extra add kernel each way per LayerNorm.
+
+Speed (docs/benchmarks.md has the commands and full tables; one H100, torch 2.11, triton 3.6):
+8 × 2048 rows, forward + backward, device time (CUDA-graph replay) 0.43-0.59× PyTorch's at N = 768 ...
+8192 in bf16 and fp32, 64-94% of the measured copy bandwidth. Called eagerly, the Python host cost
+(autograd.Function, three Triton launches, the autograd engine's device thread; about 0.27 ms per
+forward + backward on that machine, against about 0.15 ms for PyTorch's C++ path) dominates below
+N = 4096. In the compiled 111M GPT, gns=ln with this kernel takes 1.001× the step time of gns=off.
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ from torch import Tensor, nn
 @triton.jit
 def _layer_norm_fwd_kernel(
     X,  # (M, N) input rows, contiguous, fp32 | bf16 | fp16
+    RES,  # (M, N) residual rows added to x before normalising; a dummy pointer when HAS_RES is False
+    S,  # (M, N) output x + residual (the new residual stream); a dummy pointer when HAS_RES is False
     W,  # (N,) weight γ, any float dtype
     BIAS,  # (N,) bias β; a dummy pointer when HAS_BIAS is False
     Y,  # (M, N) output, x's dtype or the out_dtype asked for
@@ -71,6 +80,7 @@ def _layer_norm_fwd_kernel(
     M,
     N,
     eps,
+    HAS_RES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # next power of two >= N: a whole row sits in registers
@@ -85,6 +95,13 @@ def _layer_norm_fwd_kernel(
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     # statistics in fp32 whatever the input dtype; two-pass variance on the row held in registers
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        # the add in fp32 then one rounding to S's dtype: what torch's x + residual gives
+        x = x + tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
+        if S.dtype.element_ty != tl.float32:
+            x = x.to(S.dtype.element_ty, fp_downcast_rounding="rtne")
+        tl.store(S + offs, x, mask=mask)
+        x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / N
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / N
@@ -105,6 +122,7 @@ def _layer_norm_fwd_kernel(
 def _bwd_load(
     X,  # (M, N) input rows, contiguous
     DY,  # (M, N) incoming gradient rows, contiguous
+    DRES,  # (M, N) gradient of the residual output s, added to dx; read only when HAS_DRES
     STATS,  # (2, M) fp32 mean and rstd from the forward
     rows,  # (BLOCK_M,) row indices of this tile
     rmask,  # (BLOCK_M,) which of them are real rows
@@ -112,15 +130,20 @@ def _bwd_load(
     cmask,  # (BLOCK_N,) which of them are real columns
     M,
     N,
+    HAS_DRES: tl.constexpr,
 ):
-    """Issue one tile's loads: x and dy in their own dtype, mean and rstd in fp32."""
+    """Issue one tile's loads: x, dy (and ds) in their own dtype, mean and rstd in fp32."""
     mask = rmask[:, None] & cmask[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0)
     dy = tl.load(DY + offs, mask=mask, other=0.0)
+    if HAS_DRES:
+        ds = tl.load(DRES + offs, mask=mask, other=0.0)
+    else:
+        ds = dy  # unused
     mean = tl.load(STATS + rows, mask=rmask, other=0.0)
     rstd = tl.load(STATS + M + rows, mask=rmask, other=0.0)
-    return x, dy, mean, rstd
+    return x, dy, ds, mean, rstd
 
 
 @triton.jit
@@ -129,6 +152,8 @@ def _bwd_rows(
     DY,  # (M, N) incoming gradient rows, contiguous
     STATS,  # (2, M) fp32 mean and rstd
     DX,  # (M, N) gradient w.r.t. x, written here in x's dtype
+    DRES,  # (M, N) gradient of the residual output, added to dx (HAS_DRES)
+    DX2,  # (M, N) the same dx once more in a second dtype (HAS_DX2): the residual input's gradient
     SQ,  # (B, K) fp32 per-example squared norms; written only when PER_ROW_SQ (rows are examples)
     w,  # (BLOCK_N,) fp32 weight, 0 past N
     row_lo,  # first row of the run
@@ -138,6 +163,8 @@ def _bwd_rows(
     N,
     PER_ROW_SQ: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    HAS_DX2: tl.constexpr,
     K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -153,11 +180,11 @@ def _bwd_rows(
     acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # partial dβ
     rows = row_lo + tl.arange(0, BLOCK_M)
     rmask = rows < row_hi
-    x, dy, mean, rstd = _bwd_load(X, DY, STATS, rows, rmask, cols, cmask, M, N)
+    x, dy, ds, mean, rstd = _bwd_load(X, DY, DRES, STATS, rows, rmask, cols, cmask, M, N, HAS_DRES)
     for _ in range(0, n_rows, BLOCK_M):
         nrows = rows + BLOCK_M
         nmask = nrows < row_hi
-        nx, ndy, nmean, nrstd = _bwd_load(X, DY, STATS, nrows, nmask, cols, cmask, M, N)
+        nx, ndy, nds, nmean, nrstd = _bwd_load(X, DY, DRES, STATS, nrows, nmask, cols, cmask, M, N, HAS_DRES)
         # this tile, in fp32
         mask = rmask[:, None] & cmask[None, :]
         xf = x.to(tl.float32)
@@ -167,8 +194,12 @@ def _bwd_rows(
         c1 = tl.sum(xhat * wdy, axis=1) / N  # mean over the row of dy·γ ⊙ x̂
         c2 = tl.sum(wdy, axis=1) / N  # mean over the row of dy·γ
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DRES:
+            dx = dx + ds.to(tl.float32)
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DX2:
+            tl.store(DX2 + offs, dx.to(DX2.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
         gw = dyf * xhat
         acc_w += gw
         if HAS_BIAS:
@@ -177,7 +208,7 @@ def _bwd_rows(
             tl.store(SQ + rows * K, tl.sum(gw * gw, axis=1), mask=rmask)
             if HAS_BIAS:
                 tl.store(SQ + rows * K + 1, tl.sum(dyf * dyf, axis=1), mask=rmask)
-        x, dy, mean, rstd, rows, rmask = nx, ndy, nmean, nrstd, nrows, nmask
+        x, dy, ds, mean, rstd, rows, rmask = nx, ndy, nds, nmean, nrstd, nrows, nmask
     return acc_w, acc_b
 
 
@@ -187,7 +218,9 @@ def _layer_norm_bwd_kernel(
     DY,  # (M, N) incoming gradient, contiguous
     W,  # (N,) weight γ
     STATS,  # (2, M) fp32 mean and rstd from the forward
-    DX,  # (M, N) output gradient w.r.t. x, x's dtype
+    DX,  # (M, N) output gradient w.r.t. x, x's dtype (+ DRES when HAS_DRES)
+    DRES,  # (M, N) gradient of the residual output s (HAS_DRES); a dummy pointer otherwise
+    DX2,  # (M, N) dx again in the residual input's dtype (HAS_DX2); a dummy pointer otherwise
     PART,  # (K, P, N) fp32: per program, Σ dy ⊙ x̂ (and Σ dy) over its rows (MODE 2: program b*C + c)
     SQ,  # (NUM_EX, K) fp32: per-example |dγ_b|², |dβ_b|² (MODE 0 and 1 only; MODE 2 leaves it)
     M,
@@ -199,6 +232,8 @@ def _layer_norm_bwd_kernel(
     C,  # MODE 2: chunks per example
     R,  # MODE 0: rows per program; MODE 2: rows per chunk (both multiples of BLOCK_M)
     HAS_BIAS: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    HAS_DX2: tl.constexpr,
     K: tl.constexpr,  # columns of SQ: 2 with a bias, else 1
     MODE: tl.constexpr,  # 0: T == 1, rows are examples; 1: G whole examples; 2: one chunk of one example
     BLOCK_M: tl.constexpr,
@@ -212,7 +247,8 @@ def _layer_norm_bwd_kernel(
         # a run of R rows, each its own example: squared norms straight from each row
         lo = pid * R
         tot_w, tot_b = _bwd_rows(
-            X, DY, STATS, DX, SQ, w, lo, tl.minimum(lo + R, M), R, M, N, True, HAS_BIAS, K, BLOCK_M, BLOCK_N
+            X, DY, STATS, DX, DRES, DX2, SQ, w, lo, tl.minimum(lo + R, M), R, M, N, True, HAS_BIAS, HAS_DRES,
+            HAS_DX2, K, BLOCK_M, BLOCK_N,
         )
     elif MODE == 1:
         # G whole examples per program: each example's sum over its T rows completes in registers
@@ -224,7 +260,8 @@ def _layer_norm_bwd_kernel(
             lo = b * T
             hi = tl.where(b < NUM_EX, lo + T, lo)  # past the last example: nothing to do
             acc_w, acc_b = _bwd_rows(
-                X, DY, STATS, DX, SQ, w, lo, hi, t_pad, M, N, False, HAS_BIAS, K, BLOCK_M, BLOCK_N
+                X, DY, STATS, DX, DRES, DX2, SQ, w, lo, hi, t_pad, M, N, False, HAS_BIAS, HAS_DRES, HAS_DX2, K,
+                BLOCK_M, BLOCK_N,
             )
             ex_w = tl.sum(acc_w, axis=0)  # dγ_b
             tl.store(SQ + b * K, tl.sum(ex_w * ex_w, axis=0), mask=b < NUM_EX)
@@ -239,7 +276,10 @@ def _layer_norm_bwd_kernel(
         c = pid % C
         lo = b * T + c * R
         hi = b * T + tl.minimum(c * R + R, T)
-        tot_w, tot_b = _bwd_rows(X, DY, STATS, DX, SQ, w, lo, hi, R, M, N, False, HAS_BIAS, K, BLOCK_M, BLOCK_N)
+        tot_w, tot_b = _bwd_rows(
+            X, DY, STATS, DX, DRES, DX2, SQ, w, lo, hi, R, M, N, False, HAS_BIAS, HAS_DRES, HAS_DX2, K, BLOCK_M,
+            BLOCK_N,
+        )
     part = pid * N + cols  # P * N stays far below 2**31 (P is about 2-4 programs per SM)
     tl.store(PART + part, tl.sum(tot_w, axis=0), mask=cmask)
     if HAS_BIAS:
@@ -442,14 +482,25 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
 
 
 def layer_norm_forward(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, block_m: Optional[int] = None,
-    num_warps: Optional[int] = None, out_dtype: Optional[torch.dtype] = None,
-) -> tuple[Tensor, Tensor]:
-    """y (x's shape; out_dtype, default x's) and stats (2, M) fp32 = (mean, rstd) of the M rows of x."""
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, *, residual: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None, block_m: Optional[int] = None, num_warps: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(y, stats, s): LayerNorm of s = x + residual (of x alone when residual is None).
+
+    y has x's shape and out_dtype (default x's dtype); stats (2, M) fp32 = (mean, rstd) of the M rows;
+    s = x + residual in torch's promoted dtype, or None without a residual.
+    """
     _check(x, weight, bias)
     N = x.shape[-1]
     x2 = x.contiguous()  # a copy only when x is not contiguous
     M = x2.numel() // N
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        residual = residual.contiguous()
+        s = torch.empty_like(x2, dtype=torch.promote_types(x.dtype, residual.dtype))
+    else:
+        s = None
     y = torch.empty_like(x2, dtype=out_dtype)
     stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
     block_n = _next_pow2(N)
@@ -457,34 +508,43 @@ def layer_norm_forward(
     bm = block_m or bm
     if M > 0:
         _layer_norm_fwd_kernel[(_cdiv(M, bm),)](
-            x2, weight, bias if bias is not None else weight, y, stats, M, N, eps,
-            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=block_n, DOWNCAST=y.dtype != torch.float32,
-            num_warps=num_warps or nw,
+            x2, residual if s is not None else x2, s if s is not None else x2, weight,
+            bias if bias is not None else weight, y, stats, M, N, eps,
+            HAS_RES=s is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=block_n,
+            DOWNCAST=y.dtype != torch.float32, num_warps=num_warps or nw,
         )
-    return y, stats
+    return y, stats, s
 
 
 def layer_norm_backward(
-    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: Tensor,
-    block_m: Optional[int] = None, num_warps: Optional[int] = None, target_programs: Optional[int] = None,
-) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-    """dx (x's shape, dtype), dweight, dbias (or None), per-example squared norms (B, k) fp32."""
+    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: Tensor, *, ds: Optional[Tensor] = None,
+    dx2_dtype: Optional[torch.dtype] = None, block_m: Optional[int] = None, num_warps: Optional[int] = None,
+    target_programs: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+    """(dx, dweight, dbias or None, per-example squared norms (B, k) fp32, dx2 or None).
+
+    x is what was normalised (s with a residual). ds: the gradient of s from its other uses, added
+    into dx. dx is in x's dtype; dx2_dtype, when given, asks for the same values once more in that
+    dtype (the gradient of a residual input narrower than s), written by the same pass.
+    """
     N = x.shape[-1]
     num_ex = x.shape[0]
     T = x.shape[1] if x.dim() == 3 else 1
     has_bias = bias is not None
     x2 = x.contiguous()
     dy2 = dy.contiguous()
+    ds2 = ds.contiguous() if ds is not None else None
     M = num_ex * T
     dev = x.device
     dx = torch.empty_like(x2)
+    dx2 = torch.empty_like(x2, dtype=dx2_dtype) if dx2_dtype is not None else None
     dw = torch.empty_like(weight)
     db = torch.empty_like(bias) if has_bias else None
     if M == 0:
         dw.zero_()
         if db is not None:
             db.zero_()
-        return dx, dw, db, torch.zeros(num_ex, 2 if has_bias else 1, dtype=torch.float32, device=dev)
+        return dx, dw, db, torch.zeros(num_ex, 2 if has_bias else 1, dtype=torch.float32, device=dev), dx2
     bm, nw, per_sm = _bwd_config(_next_pow2(N), x.element_size())
     target = target_programs or _target_programs(dev, per_sm)
     K, P, G, C, R, NG, NC, NB, has_sq, main, reduce = _bwd_launch(
@@ -493,12 +553,15 @@ def layer_norm_backward(
     # fp32 workspace: the (K, P, N) partial sums, then (MODE 2) the (B, K, NB) partial squared norms
     work = torch.empty(K * P * N + (num_ex * K * NB if has_sq else 0), dtype=torch.float32, device=dev)
     sq = torch.empty((num_ex, K), dtype=torch.float32, device=dev)
-    _layer_norm_bwd_kernel[(P,)](x2, dy2, weight, stats, dx, work, sq, M, N, T, num_ex, P, G, C, R, **main)
+    _layer_norm_bwd_kernel[(P,)](
+        x2, dy2, weight, stats, dx, ds2 if ds2 is not None else dx, dx2 if dx2 is not None else dx, work, sq,
+        M, N, T, num_ex, P, G, C, R, HAS_DRES=ds2 is not None, HAS_DX2=dx2 is not None, **main,
+    )
     _layer_norm_bwd_reduce_kernel[(NB,)](
         work, dw, db if has_bias else dw, work[K * P * N:] if has_sq else work, sq,
         _counter(dev) if has_sq else sq, NG, NC, N, NB, **reduce,
     )
-    return dx, dw, db, sq
+    return dx, dw, db, sq, dx2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,65 +571,111 @@ def layer_norm_backward(
 # --------------------------------------------------------------------------------------------------
 
 
+def _grad_dtypes(s_dtype: torch.dtype, x_dtype: torch.dtype, r_dtype: Optional[torch.dtype]):
+    """The second dx dtype the backward kernel writes: the input of the add that is narrower than s."""
+    if x_dtype != s_dtype:
+        return x_dtype
+    if r_dtype is not None and r_dtype != s_dtype:
+        return r_dtype
+    return None
+
+
+def _input_grads(dx: Tensor, dx2: Optional[Tensor], x_dtype: torch.dtype, r_dtype: Optional[torch.dtype]):
+    """(grad of x, grad of residual or None) from the backward's dx (s's dtype) and dx2."""
+    def pick(dtype):
+        if dtype == dx.dtype:
+            return dx
+        return dx2 if dx2 is not None and dx2.dtype == dtype else dx.to(dtype)
+
+    return pick(x_dtype), (pick(r_dtype) if r_dtype is not None else None)
+
+
 class _LayerNormPerExample(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, sink, eps, out_dtype):
+    def forward(ctx, x, residual, weight, bias, sink, eps, out_dtype):
         # sink is an input only so that autograd routes the per-example norms to it; it is never read
-        y, stats = layer_norm_forward(x, weight, bias, eps, out_dtype=out_dtype)
-        ctx.save_for_backward(x, weight, bias, stats)
+        y, stats, s = layer_norm_forward(x, weight, bias, eps, residual=residual, out_dtype=out_dtype)
+        ctx.save_for_backward(s if s is not None else x, weight, bias, stats)
         ctx.has_sink = sink is not None
-        return y
+        ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
+        ctx.set_materialize_grads(False)  # ds stays None when s has no other use: nothing to add
+        return y if s is None else (y, s)
 
     @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, stats = ctx.saved_tensors
-        dx, dw, db, sq = layer_norm_backward(dy, x, weight, bias, stats)
-        return dx, dw, db, (sq if ctx.has_sink else None), None, None
+    def backward(ctx, dy, ds=None):
+        xs, weight, bias, stats = ctx.saved_tensors
+        x_dtype, r_dtype = ctx.dtypes
+        if dy is None:  # y unused (only s is): the LayerNorm passes no gradient
+            dy = torch.zeros_like(xs)
+        dx, dw, db, sq, dx2 = layer_norm_backward(
+            dy, xs, weight, bias, stats, ds=ds, dx2_dtype=_grad_dtypes(xs.dtype, x_dtype, r_dtype)
+        )
+        gx, gr = _input_grads(dx, dx2, x_dtype, r_dtype)
+        return gx, gr, dw, db, (sq if ctx.has_sink else None), None, None
 
 
 @torch.library.custom_op("gnsrepro::layer_norm_pe_fwd", mutates_args=())
 def _layer_norm_pe_fwd(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], sink: Optional[Tensor], eps: float,
-    out_dtype: Optional[torch.dtype],
-) -> tuple[Tensor, Tensor]:
-    return layer_norm_forward(x, weight, bias, eps, out_dtype=out_dtype)
+    x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], sink: Optional[Tensor],
+    eps: float, out_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, stats, s = layer_norm_forward(x, weight, bias, eps, residual=residual, out_dtype=out_dtype)
+    # a custom op cannot return None: an empty tensor stands for "no residual, no s"
+    return y, stats, s if s is not None else x.new_empty(0)
 
 
 @_layer_norm_pe_fwd.register_fake
-def _(x, weight, bias, sink, eps, out_dtype):
+def _(x, residual, weight, bias, sink, eps, out_dtype):
     M = x.numel() // x.shape[-1]
-    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty((2, M), dtype=torch.float32)
+    s = x.new_empty(0)
+    if residual is not None:
+        s = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty((2, M), dtype=torch.float32), s
 
 
 @torch.library.custom_op("gnsrepro::layer_norm_pe_bwd", mutates_args=())
 def _layer_norm_pe_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dw, db, sq = layer_norm_backward(dy, x, weight, bias, stats)
-    # a custom op cannot return None: an empty tensor stands for "no bias"
-    return dx, dw, db if db is not None else weight.new_empty(0), sq
+    dy: Tensor, ds: Optional[Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: Tensor,
+    dx2_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, dw, db, sq, dx2 = layer_norm_backward(dy, x, weight, bias, stats, ds=ds, dx2_dtype=dx2_dtype)
+    # empty tensors stand for "no bias" and "no second dx"
+    return dx, dw, db if db is not None else weight.new_empty(0), sq, dx2 if dx2 is not None else x.new_empty(0)
 
 
 @_layer_norm_pe_bwd.register_fake
-def _(dy, x, weight, bias, stats):
+def _(dy, ds, x, weight, bias, stats, dx2_dtype):
     K = 2 if bias is not None else 1
     db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
     sq = x.new_empty((x.shape[0], K), dtype=torch.float32)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), db, sq
+    dx2 = x.new_empty(x.shape, dtype=dx2_dtype) if dx2_dtype is not None else x.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), db, sq, dx2
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, sink, eps, out_dtype = inputs
-    _, stats = output
-    ctx.save_for_backward(x, weight, bias, stats)
+    x, residual, weight, bias, sink, eps, out_dtype = inputs
+    _, stats, s = output
+    has_res = residual is not None
+    ctx.save_for_backward(s if has_res else x, weight, bias, stats)
     ctx.has_sink = sink is not None
+    ctx.dtypes = (x.dtype, residual.dtype if has_res else None)
     ctx.mark_non_differentiable(stats)
+    if not has_res:
+        ctx.mark_non_differentiable(s)
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dy, _dstats):
-    x, weight, bias, stats = ctx.saved_tensors
-    dx, dw, db, sq = torch.ops.gnsrepro.layer_norm_pe_bwd(dy, x, weight, bias, stats)
-    return dx, dw, (db if bias is not None else None), (sq if ctx.has_sink else None), None, None
+def _backward(ctx, dy, _dstats, ds):
+    xs, weight, bias, stats = ctx.saved_tensors
+    x_dtype, r_dtype = ctx.dtypes
+    if dy is None:
+        dy = torch.zeros_like(xs)
+    dx2_dtype = _grad_dtypes(xs.dtype, x_dtype, r_dtype)
+    dx, dw, db, sq, dx2 = torch.ops.gnsrepro.layer_norm_pe_bwd(
+        dy, ds if r_dtype is not None else None, xs, weight, bias, stats, dx2_dtype
+    )
+    gx, gr = _input_grads(dx, dx2 if dx2_dtype is not None else None, x_dtype, r_dtype)
+    return gx, gr, dw, (db if bias is not None else None), (sq if ctx.has_sink else None), None, None
 
 
 _layer_norm_pe_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -574,8 +683,8 @@ _layer_norm_pe_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def layer_norm_per_example(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, sink: Optional[Tensor],
-    out_dtype: Optional[torch.dtype] = None,
-) -> Tensor:
+    out_dtype: Optional[torch.dtype] = None, residual: Optional[Tensor] = None,
+):
     """LayerNorm over the last dim of x ((B, T, N) or (B, N)) whose backward writes per-example norms.
 
     sink: float32 leaf (B, k), requires_grad, k = 2 with a bias else 1; its value is unused. After
@@ -584,6 +693,11 @@ def layer_norm_per_example(
     out_dtype: y's dtype (default x's). Writing y straight in bf16 when its consumer casts to bf16
     anyway (a Linear under autocast) gives the same values and saves the cast's pass over memory;
     dy then arrives in out_dtype, and dx is still in x's dtype.
+    residual: fused pre-LN residual add. Returns (y, s) with s = x + residual (torch's promoted dtype)
+    and y = LayerNorm(s): one pass writes both, and the backward adds s's incoming gradient into dx
+    and writes the gradients of x and residual in their own dtypes (the transformer block's
+    ``s = x + branch(...)`` followed by a LayerNorm, as fused LayerNorm libraries and inductor do).
+    Without a residual, returns y.
     Eager calls go through a torch.autograd.Function; under torch.compile through the custom ops.
     """
     if sink is not None:
@@ -591,16 +705,17 @@ def layer_norm_per_example(
         if sink.dim() != 2 or sink.shape[0] != x.shape[0] or sink.shape[1] != k or sink.dtype != torch.float32:
             raise ValueError(f"sink must be float32 of shape ({x.shape[0]}, {k}), got {sink.dtype} {tuple(sink.shape)}")
     if torch.compiler.is_compiling():
-        return torch.ops.gnsrepro.layer_norm_pe_fwd(x, weight, bias, sink, float(eps), out_dtype)[0]
-    return _LayerNormPerExample.apply(x, weight, bias, sink, float(eps), out_dtype)
+        return layer_norm_per_example_op(x, weight, bias, eps, sink, out_dtype, residual)
+    return _LayerNormPerExample.apply(x, residual, weight, bias, sink, float(eps), out_dtype)
 
 
 def layer_norm_per_example_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, sink: Optional[Tensor],
-    out_dtype: Optional[torch.dtype] = None,
-) -> Tensor:
+    out_dtype: Optional[torch.dtype] = None, residual: Optional[Tensor] = None,
+):
     """The same through the registered custom ops, also in eager mode (what torch.compile records)."""
-    return torch.ops.gnsrepro.layer_norm_pe_fwd(x, weight, bias, sink, float(eps), out_dtype)[0]
+    y, _, s = torch.ops.gnsrepro.layer_norm_pe_fwd(x, residual, weight, bias, sink, float(eps), out_dtype)
+    return y if residual is None else (y, s)
 
 
 @torch.compiler.disable
@@ -625,11 +740,12 @@ class TritonLayerNorm(nn.Module):
         self.eps = eps
         self.last_sink: Optional[Tensor] = None
 
-    def forward(self, x: Tensor, sink: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, sink: Optional[Tensor] = None, residual: Optional[Tensor] = None):
+        """y = LayerNorm(x); with a residual, (y, s) = (LayerNorm(s), s) for s = x + residual."""
         if sink is None:
             sink = _new_sink(x.shape[0], 2 if self.bias is not None else 1, x.device)
         self.last_sink = sink
-        return layer_norm_per_example(x, self.weight, self.bias, self.eps, sink)
+        return layer_norm_per_example(x, self.weight, self.bias, self.eps, sink, residual=residual)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}"
