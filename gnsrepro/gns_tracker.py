@@ -79,7 +79,7 @@ class GNSTracker:
         self._local_sq = torch.zeros(P, device=device)
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._last_micro = False
-        self._bucket_index: dict[int, torch.Tensor] = {}
+        self._bucket_index: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _rows(self, group_ids: list[int]) -> list[Row]:
         """(source, group) pairs whose every parameter the source sees; per_example may cover only LN."""
@@ -124,10 +124,12 @@ class GNSTracker:
         the local-batch gradient of the ddp source. Register with ddp.register_comm_hook(None, hook).
         """
         grads = bucket.gradients()
-        positions = [self._position[id(p)] for p in bucket.parameters()]
-        if bucket.index() not in self._bucket_index:  # host-to-device once per bucket, never back
-            self._bucket_index[bucket.index()] = torch.tensor(positions, device=grads[0].device)
-        index = self._bucket_index[bucket.index()]
+        # DDP rebuilds its buckets after the first iteration (other members, other order, same indices):
+        # key the device index by the bucket's parameters, so it is copied to the device once per layout
+        positions = tuple(self._position[id(p)] for p in bucket.parameters())
+        index = self._bucket_index.get(positions)
+        if index is None:
+            index = self._bucket_index[positions] = torch.tensor(positions, device=grads[0].device)
         self._local_sq.index_add_(0, index, torch.stack(torch._foreach_norm(grads)) ** 2)
         if self.micro_steps > 1:
             prev = [self._prev[i] for i in positions]

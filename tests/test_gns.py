@@ -177,3 +177,52 @@ def test_gns_table_smooths_each_group_and_source_in_step_order():
     # logged gtg / trsigma columns are used as they are
     logged = gns_table(table.drop(columns="gns_ema").assign(gtg=1.0, trsigma=3.0), alpha=0.9)
     np.testing.assert_allclose(logged["gns_ema"], 3.0)
+
+
+class FakeBucket:
+    """What DDP hands a communication hook (torch.distributed.GradBucket), for the methods used."""
+
+    def __init__(self, index, params, grads):
+        self._index, self._params, self._grads = index, params, grads
+        self._buffer = torch.cat([g.reshape(-1) for g in grads])
+
+    def index(self):
+        return self._index
+
+    def parameters(self):
+        return self._params
+
+    def gradients(self):
+        return self._grads
+
+    def buffer(self):
+        return self._buffer
+
+
+def test_ddp_hook_follows_rebuilt_buckets(tmp_path):
+    """DDP rebuilds its buckets after the first step (same index, other parameters and order); each
+    rank-local squared norm must still land on its own parameter."""
+    import torch.distributed as dist
+
+    from gnsrepro.gns_tracker import GNSTracker
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=8))
+        tracker = GNSTracker(model, world_size=2)
+        params = tracker.params
+        expected = torch.tensor([(i + 1) ** 2 * p.numel() for i, p in enumerate(params)], dtype=torch.float32)
+        half = len(params) // 2
+        layouts = [  # (bucket index, parameter positions): the first step's, then rebuilt ones
+            [(0, list(range(len(params))))],
+            [(0, list(reversed(range(len(params)))))],  # same size, other order: would be silently wrong
+            [(0, list(reversed(range(half, len(params))))), (1, list(range(half)))],
+        ]
+        for buckets in layouts:
+            tracker.begin_step()
+            for index, order in buckets:
+                grads = [torch.full_like(params[i], float(i + 1)) for i in order]  # value names the parameter
+                tracker.ddp_comm_hook(None, FakeBucket(index, [params[i] for i in order], grads)).wait()
+            torch.testing.assert_close(tracker._local_sq, expected)
+    finally:
+        dist.destroy_process_group()

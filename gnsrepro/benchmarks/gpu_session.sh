@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work of a session in one script, for the device machine (torch 2.11 / triton 3.6, no registry).
 # Usage, from the project root, with .whl/ built by ../shared/device/wheelhouse.sh and carried along:
-#   bash gnsrepro/benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm train overhead run111m small)
+#   bash gnsrepro/benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose train overhead run111m small ddp)
 # Prints each command before running it; logs and parquet land in $OUT (or outputs/gpu-session).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -17,6 +17,7 @@ for stage in "$@"; do
   case $stage in
     tests)     run python3 -m pytest -q -m gpu tests ;;
     layernorm) run python3 -m gnsrepro bench layernorm out=$OUT/layernorm.parquet ;;
+    diagnose)  run python3 -m gnsrepro.benchmarks.layernorm --diagnose ;;
     train)     run python3 -m gnsrepro bench train model=111M micro_batch_size=16 ;;
     overhead)  run python3 -m gnsrepro bench overhead model=111M micro_batch_size=16 steps=30 warmup=5 ;;
     small)     run python3 -m gnsrepro train scale=small max_tokens=20000000 out_dir=$RUNS/small log_interval=20 \
@@ -27,6 +28,12 @@ for stage in "$@"; do
                  out_dir=$RUNS/run111m eval_interval=100 log_interval=20 checkpoint_interval=0
                cp $RUNS/run111m/gns.parquet "$OUT/run111m_gns.parquet"
                cp $RUNS/run111m/metrics.parquet "$OUT/run111m_metrics.parquet" ;;
+    ddp)       # every visible GPU, NCCL: the ddp source needs two or more ranks
+               run python3 -m torch.distributed.run --standalone --nproc_per_node=$(nvidia-smi -L | wc -l) \
+                 -m gnsrepro train scale=small max_steps=60 out_dir=$RUNS/ddp log_interval=20 checkpoint_interval=0
+               cp $RUNS/ddp/gns.parquet "$OUT/ddp_gns.parquet"
+               python3 -c "import pandas as pd; d = pd.read_parquet('$RUNS/ddp/gns.parquet'); \
+print(d[d.step == d.step.max()].to_string(index=False))" ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done

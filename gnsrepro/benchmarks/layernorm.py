@@ -344,7 +344,13 @@ def host_overheads(device) -> dict:
             DOWNCAST=False, num_warps=4,
         ),
     }
-    return {name: _host_us(fn) for name, fn in fns.items()}
+    out = {name: _host_us(fn) for name, fn in fns.items()}
+    # the autograd engine runs CUDA backward passes on a device thread: the same two calls with the
+    # backward on the calling thread show what that hand-over costs (a Python backward needs the GIL there)
+    with torch.autograd.set_multithreading_enabled(False):
+        for name in ("F.layer_norm fwd+bwd", "triton Function fwd+bwd"):
+            out[name + ", same thread"] = _host_us(fns[name])
+    return out
 
 
 def diagnose(cases=((768, "bf16"), (4096, "bf16"), (4096, "fp32"))) -> None:
