@@ -230,10 +230,13 @@ def format_table(df: pd.DataFrame) -> str:
 
 
 def sweep(
-    sizes=(768, 2048, 4096, 8192), dtypes=("bf16", "fp32"), steps: int = 15, out: Optional[str] = None,
+    sizes=SIZES, dtypes=("bf16", "fp32"), steps: int = 15, out: Optional[str] = None,
     per_sms=(1, 2, 4), kinds=("fwd", "bwd"),
 ) -> pd.DataFrame:
-    """Time forward and backward launchers over (BLOCK_M, num_warps[, programs per SM]); print the best."""
+    """Time forward and backward launchers over (BLOCK_M, num_warps[, programs per SM]); print the best.
+
+    Device time (CUDA-graph replay): at small N a launcher's Python costs more than its kernel.
+    """
     device = _device("auto")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
     nsm = torch.cuda.get_device_properties(device).multi_processor_count
@@ -278,14 +281,14 @@ def _sweep_one(device, dname: str, N: int, steps: int, flush, nsm: int, per_sms,
             cfg = dict(N=N, dtype=dname, block_m=bm, num_warps=nw)
             if "fwd" in kinds:
                 try:
-                    here.append(dict(kind="fwd", per_sm=0, us=time_us(fwd(bm, nw), 2, steps, flush), **cfg))
+                    here.append(dict(kind="fwd", per_sm=0, us=graph_time_us(fwd(bm, nw), steps, flush), **cfg))
                 except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
                     print("fwd fail", cfg, type(e).__name__, flush=True)
             if "bwd" not in kinds or bm * block_n > 8192:
                 continue
             for per_sm in per_sms:
                 try:
-                    t = time_us(bwd(bm, nw, per_sm), 2, steps, flush)
+                    t = graph_time_us(bwd(bm, nw, per_sm), steps, flush)
                 except Exception as e:  # noqa: BLE001
                     print("bwd fail", cfg, type(e).__name__, flush=True)
                     break
