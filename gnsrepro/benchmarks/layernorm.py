@@ -394,10 +394,11 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None)
+    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="hidden sizes for --sweep, comma-separated")
     args = p.parse_args()
     if args.diagnose:
         diagnose()
     elif args.sweep:
-        sweep(out=args.out or os.environ.get("SWEEP_OUT"))
+        sweep(sizes=tuple(int(n) for n in args.sizes.split(",")), out=args.out or os.environ.get("SWEEP_OUT"))
     else:
         run(argparse.Namespace(device="auto", steps=args.steps, warmup=args.warmup, out=args.out))
