@@ -323,6 +323,25 @@ def test_fused_residual_add_matches_add_then_layer_norm(op, r_dtype, use_s, shap
     check_residual_against_unfused(shape, r_dtype, use_s, fn, scales=[10.0 ** (i % 3 - 1) for i in range(shape[0])])
 
 
+def test_fused_residual_without_bias_and_with_a_strided_residual():
+    """A residual that is a transposed view (copied by the launcher) and a LayerNorm without bias."""
+    x, w, _, dy = make((3, 7, 33), bias=False)
+    r_t = torch.randn(3, 33, 7, device=DEV).requires_grad_()
+    r = r_t.transpose(1, 2)  # (3, 7, 33), not contiguous
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    sink = torch.zeros(3, 1, device=DEV, requires_grad=True)
+    y, s = layer_norm_per_example(xs, ws, None, EPS, sink, residual=r)
+    (y * dy).sum().backward()
+    xr, rr, wr = x.clone().requires_grad_(), r.detach().clone().requires_grad_(), w.clone().requires_grad_()
+    yr = F.layer_norm(xr + rr, (33,), wr, None, EPS)
+    (yr * dy).sum().backward()
+    torch.testing.assert_close(s, (x + r).detach(), rtol=0, atol=0)
+    assert rel(y, yr) < 1e-5 and rel(xs.grad, xr.grad) < 1e-5 and rel(ws.grad, wr.grad) < 1e-5
+    assert rel(r_t.grad.transpose(1, 2), rr.grad) < 1e-5
+    _, _, _, _, rsw, _ = layer_norm_per_example_reference((x + r).detach(), w, None, EPS, dy)
+    assert rel(sink.grad[:, 0], rsw) < 1e-5
+
+
 def test_residual_of_another_shape_is_refused():
     x, w, b, _ = make((2, 3, 8))
     with pytest.raises(ValueError, match="residual must have x's shape"):
