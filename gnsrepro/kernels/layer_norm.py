@@ -590,28 +590,46 @@ def _input_grads(dx: Tensor, dx2: Optional[Tensor], x_dtype: torch.dtype, r_dtyp
     return pick(x_dtype), (pick(r_dtype) if r_dtype is not None else None)
 
 
+def _save_for_backward(ctx, x, residual, weight, bias, sink, s, stats) -> None:
+    """What both autograd paths keep: the normalised input (s with a residual), γ, β, stats, dtypes."""
+    has_res = residual is not None
+    ctx.save_for_backward(s if has_res else x, weight, bias, stats)
+    ctx.has_sink = sink is not None
+    ctx.dtypes = (x.dtype, residual.dtype if has_res else None)
+    ctx.set_materialize_grads(False)  # ds stays None when s has no other use: nothing to add
+
+
+def _input_grads_from(ctx, dy, ds, backward) -> tuple:
+    """Gradients of (x, residual, weight, bias, sink, eps, out_dtype) from those of y and s.
+
+    backward(dy, ds, xs, weight, bias, stats, dx2_dtype) -> (dx, dw, db, sq, dx2): the launcher in eager
+    mode, the custom op under torch.compile (which returns empty tensors for an absent db or dx2).
+    """
+    xs, weight, bias, stats = ctx.saved_tensors
+    x_dtype, r_dtype = ctx.dtypes
+    if dy is None:  # y unused (only s is): the LayerNorm passes no gradient
+        dy = torch.zeros_like(xs)
+    dx2_dtype = _grad_dtypes(xs.dtype, x_dtype, r_dtype)
+    dx, dw, db, sq, dx2 = backward(dy, ds if r_dtype is not None else None, xs, weight, bias, stats, dx2_dtype)
+    gx, gr = _input_grads(dx, dx2 if dx2_dtype is not None else None, x_dtype, r_dtype)
+    return gx, gr, dw, (db if bias is not None else None), (sq if ctx.has_sink else None), None, None
+
+
+def _launch_backward(dy, ds, xs, weight, bias, stats, dx2_dtype):
+    return layer_norm_backward(dy, xs, weight, bias, stats, ds=ds, dx2_dtype=dx2_dtype)
+
+
 class _LayerNormPerExample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, sink, eps, out_dtype):
         # sink is an input only so that autograd routes the per-example norms to it; it is never read
         y, stats, s = layer_norm_forward(x, weight, bias, eps, residual=residual, out_dtype=out_dtype)
-        ctx.save_for_backward(s if s is not None else x, weight, bias, stats)
-        ctx.has_sink = sink is not None
-        ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
-        ctx.set_materialize_grads(False)  # ds stays None when s has no other use: nothing to add
+        _save_for_backward(ctx, x, residual, weight, bias, sink, s, stats)
         return y if s is None else (y, s)
 
     @staticmethod
     def backward(ctx, dy, ds=None):
-        xs, weight, bias, stats = ctx.saved_tensors
-        x_dtype, r_dtype = ctx.dtypes
-        if dy is None:  # y unused (only s is): the LayerNorm passes no gradient
-            dy = torch.zeros_like(xs)
-        dx, dw, db, sq, dx2 = layer_norm_backward(
-            dy, xs, weight, bias, stats, ds=ds, dx2_dtype=_grad_dtypes(xs.dtype, x_dtype, r_dtype)
-        )
-        gx, gr = _input_grads(dx, dx2, x_dtype, r_dtype)
-        return gx, gr, dw, db, (sq if ctx.has_sink else None), None, None
+        return _input_grads_from(ctx, dy, ds, _launch_backward)
 
 
 @torch.library.custom_op("gnsrepro::layer_norm_pe_fwd", mutates_args=())
@@ -655,27 +673,14 @@ def _(dy, ds, x, weight, bias, stats, dx2_dtype):
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, sink, eps, out_dtype = inputs
     _, stats, s = output
-    has_res = residual is not None
-    ctx.save_for_backward(s if has_res else x, weight, bias, stats)
-    ctx.has_sink = sink is not None
-    ctx.dtypes = (x.dtype, residual.dtype if has_res else None)
+    _save_for_backward(ctx, x, residual, weight, bias, sink, s, stats)
     ctx.mark_non_differentiable(stats)
-    if not has_res:
+    if residual is None:
         ctx.mark_non_differentiable(s)
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, _dstats, ds):
-    xs, weight, bias, stats = ctx.saved_tensors
-    x_dtype, r_dtype = ctx.dtypes
-    if dy is None:
-        dy = torch.zeros_like(xs)
-    dx2_dtype = _grad_dtypes(xs.dtype, x_dtype, r_dtype)
-    dx, dw, db, sq, dx2 = torch.ops.gnsrepro.layer_norm_pe_bwd(
-        dy, ds if r_dtype is not None else None, xs, weight, bias, stats, dx2_dtype
-    )
-    gx, gr = _input_grads(dx, dx2 if dx2_dtype is not None else None, x_dtype, r_dtype)
-    return gx, gr, dw, (db if bias is not None else None), (sq if ctx.has_sink else None), None, None
+    return _input_grads_from(ctx, dy, ds, torch.ops.gnsrepro.layer_norm_pe_bwd)
 
 
 _layer_norm_pe_fwd.register_autograd(_backward, setup_context=_setup_context)
