@@ -130,16 +130,32 @@ def test_examples_of_very_different_scale(dtype):
         (3, 3, 33, 4, 64, 1),  # one program per example
         (2, 13, 33, 2, 6, 2),  # examples split into chunks, the last chunk short
         (1, 11, 100, 1, 5, 2),  # B = 1, T prime, one row per tile
+        (4, 9, 34, 4, 6, 2),  # even N: the pipelined path's (even, odd) column pairs
+        (6, 1, 34, 2, 4, 0),  # even N, 2-D input
+        (70, 1, 33, 1, 70, 0),  # tail reduction: 9 programs per group, more than one load of 8 rows
+        (10, 5, 1000, 1, 50, 2),  # tail reduction: 10 examples of 5 chunks, N = 1000 loads 4 rows at a time
     ],
 )
-def test_every_work_split_matches_reference(num_ex, T, N, block_m, target, mode):
-    """The three ways rows are split over programs, forced through the launchers' tuning knobs."""
+@pytest.mark.parametrize(
+    "tail,depth,stages",
+    [(False, 1, 0), (True, 1, 0), (True, 2, 0), (False, 1, 3)],
+    ids=["reduce_kernel", "tail", "tail_depth2", "pipelined"],
+)
+def test_every_work_split_matches_reference(num_ex, T, N, block_m, target, mode, tail, depth, stages):
+    """The three ways rows are split over programs, forced through the launchers' tuning knobs, with the
+    partial sums reduced by a second kernel or by the main kernel's last programs, loading one or two
+    tiles ahead in registers, or (even N) through the compiler's pipelined loads."""
     assert K._bwd_plan(num_ex, T, block_m, target)[0] == mode
     shape = (num_ex, T, N) if T > 1 else (num_ex, N)
     for bias in (True, False):
+        plan = K._bwd_launch(num_ex, T, N, bias, target, block_m, 4, tail, depth, stages)
+        assert plan.main["TAIL_REDUCE"] == tail and (plan.reduce is None) == tail
+        assert plan.main["STAGES"] == (stages if N % 2 == 0 else 0)  # odd N: the register path
         x, w, b, dy = make(shape, bias=bias, scales=[10.0 ** ((i % 5) - 2) for i in range(num_ex)])
         y, stats, _ = K.layer_norm_forward(x, w, b, EPS, block_m=block_m)
-        dx, dw, db, sq, _ = K.layer_norm_backward(dy, x, w, b, stats, block_m=block_m, target_programs=target)
+        dx, dw, db, sq, _ = K.layer_norm_backward(
+            dy, x, w, b, stats, block_m=block_m, target_programs=target, tail_reduce=tail, depth=depth, stages=stages
+        )
         ry, rdx, rdw, rdb, rsw, rsb = layer_norm_per_example_reference(x, w, b, EPS, dy)
         assert rel(y, ry) < 1e-5 and rel(dx, rdx) < 1e-5 and rel(dw, rdw) < 1e-5
         assert (sq[:, 0] - rsw).abs().le(1e-5 * rsw).all()
@@ -147,16 +163,57 @@ def test_every_work_split_matches_reference(num_ex, T, N, block_m, target, mode)
             assert rel(db, rdb) < 1e-5 and (sq[:, 1] - rsb).abs().le(1e-5 * rsb).all()
 
 
-def test_backward_is_deterministic_and_leaves_its_counter_at_zero():
-    """MODE 2 finishes the per-example norms in the last reduce program (an atomic counter)."""
+@pytest.mark.parametrize("tail", [False, True], ids=["reduce_kernel", "tail_reduce"])
+def test_backward_is_deterministic_and_leaves_its_counters_at_zero(tail):
+    """MODE 2 finishes the per-example norms in the last program to arrive (atomic counters)."""
     x, w, b, dy = make((2, 13, 33), scales=[1e2, 1e-2])
     _, stats, _ = K.layer_norm_forward(x, w, b, EPS)
-    first = K.layer_norm_backward(dy, x, w, b, stats, block_m=2, target_programs=6)
+    first = K.layer_norm_backward(dy, x, w, b, stats, block_m=2, target_programs=6, tail_reduce=tail)
     for _ in range(3):
-        again = K.layer_norm_backward(dy, x, w, b, stats, block_m=2, target_programs=6)
+        again = K.layer_norm_backward(dy, x, w, b, stats, block_m=2, target_programs=6, tail_reduce=tail)
         for a, c in zip(first[:4], again[:4]):
             assert torch.equal(a, c)
-    assert K._counter(x.device).item() == 0
+    assert not K._counters(x.device, 1).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape,block_m,target", [((7, 34), 2, 3), ((3, 5, 34), 2, 2), ((2, 13, 66), 2, 6)],
+                         ids=["rows", "examples", "chunks"])
+def test_pipelined_loads_match_register_path(dtype, shape, block_m, target):
+    """The pipelined path reads 16-bit tensors as 32-bit words of two values and works on even and odd
+    columns: the same results as the register path, with the residual's gradient and a second dx."""
+    x, w, b, dy = make(shape, dtype, scales=[10.0 ** ((i % 3) - 1) for i in range(shape[0])])
+    ds = make(shape, dtype, seed=1)[3]
+    _, stats, _ = K.layer_norm_forward(x, w, b, EPS)
+    dx2_dtype = torch.float32 if dtype != torch.float32 else torch.bfloat16
+    kw = dict(ds=ds, dx2_dtype=dx2_dtype, block_m=block_m, target_programs=target)
+    ref = K.layer_norm_backward(dy, x, w, b, stats, **kw)
+    got = K.layer_norm_backward(dy, x, w, b, stats, stages=3, **kw)
+    assert K._bwd_launch(shape[0], shape[1] if len(shape) == 3 else 1, shape[-1], True, target, block_m, 4, False,
+                         1, 3).main["STAGES"] == 3
+    # dx in 16 bits: the row sums c1, c2 add even and odd columns apart, so a rounding may differ by an ulp
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    for i in (0, 4):
+        assert got[i].dtype == ref[i].dtype
+        assert ((got[i].float() - ref[i].float()).abs() <= ulp * ref[i].float().abs() + 1e-6).all()
+    for g, r in zip(got[1:4], ref[1:4]):
+        assert rel(g, r) < 1e-6
+    # a 16-bit view that starts at an odd element cannot be read as 32-bit words: the register path
+    if dtype != torch.float32:
+        xs = torch.cat([torch.zeros(1, dtype=dtype), x.flatten()])[1:].view(shape)
+        assert xs.data_ptr() % 4 == 2
+        odd = K.layer_norm_backward(dy, xs, w, b, stats, stages=3, **kw)
+        assert torch.equal(odd[0], ref[0])
+
+
+def test_tail_reduction_only_where_one_program_reads_little():
+    # 8 × 2048 rows of 768 over 264 programs: 33 chunks per example, 8 examples; each level reads
+    # at most 33 rows of 768 floats twice (203 KB): the tail reduction applies
+    assert K._bwd_launch(8, 2048, 768, True, 264, 4, 4, True).main["TAIL_REDUCE"]
+    # one example of N = 8192 in 264 chunks: one program would read 264 rows of 8192 floats twice
+    plan = K._bwd_launch(1, 2048, 8192, True, 264, 1, 8, True)
+    assert not plan.main["TAIL_REDUCE"] and plan.reduce is not None
+    assert not K._bwd_launch(8, 2048, 768, True, 264, 4, 4, False).main["TAIL_REDUCE"]
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (4, 33)], ids=["3d", "2d"])
@@ -393,10 +450,29 @@ def test_torch_compile_fullgraph_no_graph_break():
 # ---------------------------------------------------------------------------------------------- GPU
 
 
+@pytest.fixture(params=["base", "pdl_depth2", "pdl_tail_pipelined"])
+def launch_variant(request, monkeypatch):
+    """Each GPU test three times: the tuned launch table as it is; with programmatic dependent launch and
+    two tiles loaded ahead in registers (reduce kernel); with PDL, the loads pipelined through shared
+    memory and the tail reduction at every shape (not only where it is the faster choice)."""
+    cfg = {
+        "base": dict(),
+        "pdl_depth2": dict(depth=2, tail=False),
+        "pdl_tail_pipelined": dict(stages=3, tail=True),
+    }[request.param]
+    monkeypatch.setattr(K, "PDL", request.param != "base")
+    monkeypatch.setattr(K, "_BWD_CONFIG", {k: c._replace(**cfg) for k, c in K._BWD_CONFIG.items()})
+    if cfg.get("tail"):
+        monkeypatch.setattr(K, "_TAIL_MAX_BYTES", 1 << 40)
+    K._bwd_launch.cache_clear()
+    request.addfinalizer(K._bwd_launch.cache_clear)
+    return request.param
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("N", [768, 1000, 2048, 4096, 8192])
+@pytest.mark.parametrize("N", [768, 999, 1000, 2048, 4096, 8192])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_gpu_matches_torch_and_reference(N, dtype):
+def test_gpu_matches_torch_and_reference(N, dtype, launch_variant):
     scales = [1e3, 1.0, 1e-3, 10.0]
     check_against_torch_and_reference(*make((4, 257, N), dtype, scales=scales, device="cuda"))  # chunked examples
     check_against_torch_and_reference(*make((4, 3, N), dtype, bias=False, scales=scales, device="cuda"))
@@ -406,7 +482,7 @@ def test_gpu_matches_torch_and_reference(N, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("N", [768, 1000, 4096])
 @pytest.mark.parametrize("r_dtype", [torch.float32, torch.bfloat16], ids=["r_fp32", "r_bf16"])
-def test_gpu_fused_residual_add(N, r_dtype):
+def test_gpu_fused_residual_add(N, r_dtype, launch_variant):
     for op in (layer_norm_per_example, K.layer_norm_per_example_op):
         check_residual_against_unfused((4, 257, N), r_dtype, True, op, device="cuda", scales=[1e2, 1.0, 1e-2, 10.0])
         check_residual_against_unfused((300, N), r_dtype, False, op, device="cuda")
@@ -414,23 +490,45 @@ def test_gpu_fused_residual_add(N, r_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_weight_in_input_dtype_and_many_examples(dtype):
+def test_gpu_weight_in_input_dtype_and_many_examples(dtype, launch_variant):
     x, w, b, dy = make((600, 5, 768), dtype, device="cuda")  # one program owns several whole examples
     check_against_torch_and_reference(x, w.to(dtype), b.to(dtype), dy)
 
 
 @pytest.mark.gpu
-def test_gpu_benchmark_shape_matches_torch_and_repeats_bitwise():
-    x, w, b, dy = make((8, 2048, 2048), torch.bfloat16, device="cuda")
+@pytest.mark.parametrize("N", [768, 2048])
+def test_gpu_benchmark_shape_matches_torch_and_repeats_bitwise(N, launch_variant):
+    x, w, b, dy = make((8, 2048, N), torch.bfloat16, device="cuda")
     check_against_torch_and_reference(x, w, b, dy)
-    # a race in the reduce kernel's last-program count would show as runs that differ
+    # a race in a last-program count (reduce kernel or tail reduction) would show as runs that differ
     _, stats, _ = K.layer_norm_forward(x, w, b, EPS)
     first = K.layer_norm_backward(dy, x, w, b, stats)
     for _ in range(20):
         again = K.layer_norm_backward(dy, x, w, b, stats)
         for a, c in zip(first[:4], again[:4]):
             assert torch.equal(a, c)
-    assert K._counter(x.device).item() == 0
+    assert not K._counters(x.device, 1).any()
+    # the same calls replayed from a CUDA graph (how the benchmark times them) give the same bits
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        K.layer_norm_backward(dy, x, w, b, stats)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        y_g, stats_g, _ = K.layer_norm_forward(x, w, b, EPS)
+        out_g = K.layer_norm_backward(dy, x, w, b, stats_g)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(stats_g, stats)
+        for a, c in zip(first[:4], out_g[:4]):
+            assert torch.equal(a, c)
+    assert not K._counters(x.device, 1).any()
+    if launch_variant == "pdl_tail_pipelined":  # the tail reduction did run at this shape
+        cfg = K._bwd_config(K._next_pow2(N), 2)
+        target = K._target_programs(x.device, cfg.per_sm)
+        assert K._bwd_launch(8, 2048, N, True, target, cfg.block_m, cfg.num_warps, True).reduce is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error message")
@@ -441,3 +539,31 @@ def test_benchmark_says_it_needs_cuda():
 
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         run(SimpleNamespace(device="auto", out=None, steps=2, warmup=1))
+
+
+def test_backward_sweeps_try_every_configuration_on_a_stub_device(monkeypatch):
+    """The GPU sweeps' bookkeeping on CPU: every configuration reaches the launcher (and runs in the
+    interpreter), with a stand-in for the CUDA-graph timer that counts the calls."""
+    from types import SimpleNamespace
+
+    import gnsrepro.benchmarks.layernorm as L
+
+    calls = []
+    monkeypatch.setattr(L, "_device", lambda name="auto": torch.device("cpu"))
+    monkeypatch.setattr(L, "graph_time_us", lambda f, steps, flush=None: calls.append(f()) or float(len(calls)))
+    monkeypatch.setattr(L, "copy_bandwidth_gbps", lambda device, *a, **k: 1.0)
+    monkeypatch.setattr(L, "BATCH", 2)
+    monkeypatch.setattr(L, "SEQ", 8)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(multi_processor_count=2))
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(16, dtype=torch.uint8) if a == (256 << 20,)
+                        else real_empty(*a, **k))
+    df = L.sweep_bwd(sizes=(34,), dtypes=("bf16",), steps=1, top=2)
+    assert len(calls) == len(df) and df.us.notna().all()
+    assert {0, 2, 3, 4} <= set(df.stages) and set(df.tail_reduce) == {False, True}
+    assert (df.phase == 2).sum() == 2 * 4 * 2  # top 2 × programs per SM 1-4 × reduce kernel / tail
+    first = df[df.phase == 1].us.idxmin()  # the timer's first call is phase 2's first configuration
+    assert df.loc[df.phase == 2].iloc[0][["block_m", "num_warps", "stages"]].tolist() == \
+        df.loc[first][["block_m", "num_warps", "stages"]].tolist()
+    dv = L.variants(sizes=(34,), dtypes=("bf16",), steps=1)
+    assert len(dv) == 8 and set(dv.pdl) == {False, True} and K.PDL is False

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work of a session in one script, for the device machine (torch 2.11 / triton 3.6, no registry).
 # Usage, from the project root, with .whl/ built by ../shared/device/wheelhouse.sh and carried along:
-#   bash gnsrepro/benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose sweep train overhead run111m small ddp)
+#   bash gnsrepro/benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose variants sweepbwd sweep train overhead run111m small ddp)
 # Prints each command before running it; logs and parquet land in $OUT (or outputs/gpu-session).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -18,6 +18,8 @@ for stage in "$@"; do
     tests)     run python3 -m pytest -q -m gpu tests ;;
     layernorm) run python3 -m gnsrepro bench layernorm out=$OUT/layernorm.parquet ;;
     diagnose)  run python3 -m gnsrepro.benchmarks.layernorm --diagnose ;;
+    variants)  run python3 -m gnsrepro.benchmarks.layernorm --variants --out $OUT/variants.csv ;;
+    sweepbwd)  run python3 -m gnsrepro.benchmarks.layernorm --sweep-bwd --sizes ${SIZES:-768,1024} --out $OUT/sweep_bwd.csv ;;
     sweep)     run python3 -m gnsrepro.benchmarks.layernorm --sweep --out $OUT/sweep.csv ;;
     train)     run python3 -m gnsrepro bench train model=111M micro_batch_size=16 ;;
     overhead)  run python3 -m gnsrepro bench overhead model=111M micro_batch_size=16 steps=30 warmup=5 ;;

@@ -246,7 +246,10 @@ def sweep(
             here = _sweep_one(device, dname, N, steps, flush, nsm, per_sms, kinds)
             for kind, gk in pd.DataFrame(here).groupby("kind"):
                 top = gk.nsmallest(4, "us")
-                desc = "; ".join(f"bm={r.block_m} nw={r.num_warps} sm={r.per_sm}: {r.us:.1f}" for r in top.itertuples())
+                desc = "; ".join(
+                    f"bm={r.block_m} nw={r.num_warps} sm={r.per_sm}{' tail' if r.tail else ''}"
+                    f": {r.us:.1f}" for r in top.itertuples()
+                )
                 print(f"best {kind} {dname} N={N}: {desc}", flush=True)
             rows += here
             if out:
@@ -267,32 +270,154 @@ def _sweep_one(device, dname: str, N: int, steps: int, flush, nsm: int, per_sms,
     def fwd(bm, nw):
         return lambda: K.layer_norm_forward(x, w, b, EPS, block_m=bm, num_warps=nw)
 
-    def bwd(bm, nw, per_sm):
+    def bwd(bm, nw, per_sm, tail):
         return lambda: K.layer_norm_backward(
-            dy, x, w, b, stats, block_m=bm, num_warps=nw, target_programs=nsm * per_sm
+            dy, x, w, b, stats, block_m=bm, num_warps=nw, target_programs=nsm * per_sm, tail_reduce=tail
         )
 
     here = []
     for bm in (1, 2, 4, 8, 16):
-        for nw in (4, 8, 16, 32):
+        for nw in (1, 2, 4, 8, 16, 32):
             per_thread = bm * block_n // (32 * nw)
             if bm * block_n > 16384 or per_thread < 4 or per_thread > 32:
                 continue
             cfg = dict(N=N, dtype=dname, block_m=bm, num_warps=nw)
             if "fwd" in kinds:
                 try:
-                    here.append(dict(kind="fwd", per_sm=0, us=graph_time_us(fwd(bm, nw), steps, flush), **cfg))
+                    t = graph_time_us(fwd(bm, nw), steps, flush)
+                    here.append(dict(kind="fwd", per_sm=0, tail=False, us=t, **cfg))
                 except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
                     print("fwd fail", cfg, type(e).__name__, flush=True)
             if "bwd" not in kinds or bm * block_n > 8192:
                 continue
             for per_sm in per_sms:
+                for tail in (False, True):
+                    if tail and K._bwd_launch(BATCH, SEQ, N, True, nsm * per_sm, bm, nw, True).reduce is not None:
+                        continue  # the tail reduction does not apply here (too much for one program)
+                    try:
+                        t = graph_time_us(bwd(bm, nw, per_sm, tail), steps, flush)
+                    except Exception as e:  # noqa: BLE001
+                        print("bwd fail", cfg, type(e).__name__, flush=True)
+                        continue
+                    here.append(dict(kind="bwd", per_sm=per_sm, tail=tail, us=t, **cfg))
+    return here
+
+
+def sweep_bwd(sizes=(768, 1024), dtypes=("bf16", "fp32"), steps: int = 15, out: Optional[str] = None, top: int = 4):
+    """Backward launcher device time (CUDA graph) over its whole configuration, in two phases per size.
+
+    Phase 1, at 2 programs per SM with the reduce kernel: rows per tile × warps × how loads are kept in
+    flight (registers, 1 or 2 tiles ahead; or the compiler's pipeline through shared memory, 2-4 stages,
+    with or without a cap of 128 registers). Phase 2: the `top` fastest of phase 1 at 1-4 programs per SM,
+    with the reduce kernel and with the tail reduction. Prints the best of each phase.
+    """
+    from gnsrepro.kernels import layer_norm as K
+
+    device = _device("auto")
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    nsm = torch.cuda.get_device_properties(device).multi_processor_count
+    rows = []
+    for dname in dtypes:
+        for N in sizes:
+            x, w, b, dy, _ = _cases(device, DTYPES[dname], N)
+            x, w, b = x.detach(), w.detach(), b.detach()
+            _, stats, _ = K.layer_norm_forward(x, w, b, EPS)
+            bn = K._next_pow2(N)
+
+            def time_cfg(cfg: dict, x=x, w=w, b=b, dy=dy, stats=stats) -> float:
+                def f():
+                    return K.layer_norm_backward(dy, x, w, b, stats, **cfg)
+
                 try:
-                    t = graph_time_us(bwd(bm, nw, per_sm), steps, flush)
-                except Exception as e:  # noqa: BLE001
-                    print("bwd fail", cfg, type(e).__name__, flush=True)
-                    break
-                here.append(dict(kind="bwd", per_sm=per_sm, us=t, **cfg))
+                    return graph_time_us(f, steps, flush)
+                except Exception as e:  # noqa: BLE001 - a configuration that does not compile is skipped
+                    print("fail", cfg, type(e).__name__, flush=True)
+                    return float("nan")
+
+            phase1 = []
+            for bm in (1, 2, 4, 8):
+                for nw in (1, 2, 4, 8, 16):
+                    if bm * bn > 8192 or not 4 <= bm * bn // (32 * nw) <= 32:
+                        continue
+                    for depth, stages, maxnreg in ((1, 0, 0), (2, 0, 0), (1, 2, 0), (1, 3, 0), (1, 4, 0),
+                                                  (1, 3, 128), (1, 4, 128)):
+                        cfg = dict(block_m=bm, num_warps=nw, depth=depth, stages=stages, maxnreg=maxnreg,
+                                   tail_reduce=False, target_programs=2 * nsm)
+                        phase1.append(dict(N=N, dtype=dname, phase=1, per_sm=2, **cfg, us=time_cfg(cfg)))
+            best = pd.DataFrame(phase1).nsmallest(top, "us")
+            rows += phase1
+            print(f"phase 1 {dname} N={N}:", flush=True)
+            print(best[["block_m", "num_warps", "depth", "stages", "maxnreg", "us"]].to_string(index=False), flush=True)
+            phase2 = []
+            for r in best.itertuples():
+                for per_sm in (1, 2, 3, 4):
+                    for tail in (False, True):
+                        cfg = dict(block_m=int(r.block_m), num_warps=int(r.num_warps), depth=int(r.depth),
+                                   stages=int(r.stages), maxnreg=int(r.maxnreg), tail_reduce=tail,
+                                   target_programs=per_sm * nsm)
+                        phase2.append(dict(N=N, dtype=dname, phase=2, per_sm=per_sm, **cfg, us=time_cfg(cfg)))
+            rows += phase2
+            cols = ["block_m", "num_warps", "depth", "stages", "maxnreg", "per_sm", "tail_reduce", "us"]
+            print(f"phase 2 {dname} N={N}:", flush=True)
+            print(pd.DataFrame(phase2).nsmallest(top, "us")[cols].to_string(index=False), flush=True)
+            if out:
+                pd.DataFrame(rows).to_csv(out, index=False)
+    return pd.DataFrame(rows)
+
+
+def variants(sizes=SIZES, dtypes=("bf16", "fp32"), steps: int = 20, per_sms=(1, 2), out: Optional[str] = None):
+    """Forward + backward device time (CUDA graph) of the tuned launch configuration, with and without
+    the backward's tail reduction and programmatic dependent launch, at 1 and 2 backward programs per SM.
+
+    The experiment behind the tail column of _BWD_CONFIG and the PDL default.
+    """
+    from gnsrepro.kernels import layer_norm as K
+
+    device = _device("auto")
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    copy_gbps = copy_bandwidth_gbps(device)
+    saved = K.PDL
+    rows = []
+    try:
+        for dname in dtypes:
+            for N in sizes:
+                rows += _variants_one(device, dname, N, steps, flush, per_sms, copy_gbps)
+                if out:
+                    pd.DataFrame(rows).to_csv(out, index=False)
+    finally:
+        K.PDL = saved
+    return pd.DataFrame(rows)
+
+
+def _variants_one(device, dname: str, N: int, steps: int, flush, per_sms, copy_gbps: float) -> list[dict]:
+    from gnsrepro.kernels import layer_norm as K
+
+    x, w, b, dy, _ = _cases(device, DTYPES[dname], N)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    nsm = torch.cuda.get_device_properties(device).multi_processor_count
+    cfg = K._bwd_config(K._next_pow2(N), x.element_size())
+    bm, nw = cfg.block_m, cfg.num_warps
+    nbytes = 5 * x.numel() * x.element_size()
+
+    def fwd_bwd(target, tail):
+        def f():
+            _, stats, _ = K.layer_norm_forward(x, w, b, EPS)
+            return K.layer_norm_backward(dy, x, w, b, stats, target_programs=target, tail_reduce=tail)
+
+        return f
+
+    here = []
+    for per_sm in per_sms:
+        for tail in (False, True):
+            if tail and K._bwd_launch(BATCH, SEQ, N, True, nsm * per_sm, bm, nw, True).reduce is not None:
+                continue  # too much for one program: the launcher falls back to the reduce kernel
+            for pdl in (False, True):
+                K.PDL = pdl
+                us = graph_time_us(fwd_bwd(nsm * per_sm, tail), steps, flush)
+                pct = 100 * nbytes / (us * 1e-6) / 1e9 / copy_gbps
+                here.append(dict(N=N, dtype=dname, per_sm=per_sm, tail=tail, pdl=pdl, us=us, pct_copy=pct))
+                print(f"{dname:4s} N={N:5d} per_sm={per_sm} tail={tail!s:5s} pdl={pdl!s:5s} {us:8.1f} µs "
+                      f"{pct:5.1f}% of copy", flush=True)
     return here
 
 
@@ -344,7 +469,7 @@ def host_overheads(device) -> dict:
         "layer_norm_backward launcher": lambda: K.layer_norm_backward(dy, x, w, b, stats),
         "fwd kernel launch only": lambda: K._layer_norm_fwd_kernel[(8,)](
             x, x, x, w, b, y0, stats, 32, 768, EPS, HAS_RES=False, HAS_BIAS=True, BLOCK_M=4, BLOCK_N=1024,
-            DOWNCAST=False, num_warps=4,
+            DOWNCAST=False, USE_PDL=False, num_warps=4,
         ),
     }
     out = {name: _host_us(fn) for name, fn in fns.items()}
@@ -391,13 +516,19 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--diagnose", action="store_true")
+    p.add_argument("--variants", action="store_true", help="tail reduction and PDL on/off, fwd+bwd device time")
+    p.add_argument("--sweep-bwd", action="store_true", help="the backward's whole configuration, two phases")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None)
-    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="hidden sizes for --sweep, comma-separated")
+    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="hidden sizes, comma-separated")
     args = p.parse_args()
     if args.diagnose:
         diagnose()
+    elif args.sweep_bwd:
+        sweep_bwd(sizes=tuple(int(n) for n in args.sizes.split(",")), out=args.out)
+    elif args.variants:
+        variants(sizes=tuple(int(n) for n in args.sizes.split(",")), out=args.out)
     elif args.sweep:
         sweep(sizes=tuple(int(n) for n in args.sizes.split(",")), out=args.out or os.environ.get("SWEEP_OUT"))
     else:

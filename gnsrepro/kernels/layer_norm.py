@@ -21,7 +21,10 @@ Kernels (one file, as DESIGN.md asks):
 - ``_layer_norm_fwd_kernel``: one tile of BLOCK_M rows per program; writes y and the fp32 (mean, rstd).
 - ``_layer_norm_bwd_kernel``: each program owns a contiguous run of rows (whole examples, or one
   chunk of one example), keeps the partial dγ/dβ sums in fp32 registers while it writes dx, and
-  prefetches the next tile of x and dy before the current tile's arithmetic. It stores one (N,) fp32
+  prefetches the next tile (or two) of x and dy into registers before the current tile's arithmetic;
+  or, for an even N (``stages``), lets the compiler pipeline the loads through shared memory, which
+  it does for 16-bit tensors only when they are read as 32-bit words of two values (``_bwd_rows_pipelined``,
+  which works on even and odd columns). It stores one (N,) fp32
   partial per program: the only extra memory traffic, O(programs · N) (about 2 SMs' worth of
   programs: 2-4% of the activation bytes at 16k rows). When a program owns whole examples (T = 1, or
   short sequences) it also finishes their squared norms in registers.
@@ -29,7 +32,13 @@ Kernels (one file, as DESIGN.md asks):
   dγ and dβ; when examples were split into chunks it also squares each example's sum, and the last
   of its programs to finish (an atomic counter) adds up the per-column-block pieces into |dγ_b|²,
   |dβ_b|² in a fixed order, so results are deterministic run to run.
+- Or no reduce kernel (``tail_reduce``, ``_tail_reduce``): the last program of each group of backward
+  programs to finish (the chunks of one example) sums the group's partials and squares them, and the
+  last group sums the groups' sums into dγ, dβ. One launch and one kernel boundary fewer, at the cost
+  of a serial tail; the launch table says where that pays (small N), the launcher where it applies.
 No (B, N) or (B·T, N) tensor is written: per-example gradients exist only as fp32 register sums.
+With ``PDL = True`` the kernels are launched as programmatic dependent launches on sm90+ GPUs, so each
+one's programs are scheduled while the previous kernel finishes (``_pdl_begin``).
 
 Autograd: in eager mode a ``torch.autograd.Function`` (the cheapest on the host); under
 torch.compile the forward and backward are ``torch.library.custom_op``s with fake (meta) kernels and
@@ -56,7 +65,8 @@ N = 4096. In the compiled 111M GPT, gns=ln with this kernel takes 1.001× the st
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -66,6 +76,17 @@ from torch import Tensor, nn
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pdl_begin(USE_PDL: tl.constexpr):
+    """With programmatic dependent launch a kernel's programs may start before the previous kernel on
+    the stream has finished: wait here, before any load, until that kernel's writes are visible; then
+    let the next kernel launch at once (its programs take SMs as this one's finish and wait likewise in
+    their own _pdl_begin). Hides the launch gap between kernels."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -85,7 +106,9 @@ def _layer_norm_fwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # next power of two >= N: a whole row sits in registers
     DOWNCAST: tl.constexpr,  # Y narrower than fp32: round to nearest even, as torch's .to() does
+    USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (sm90+): see _pdl_begin
 ):
+    _pdl_begin(USE_PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -168,11 +191,13 @@ def _bwd_rows(
     K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DEPTH: tl.constexpr,  # tiles loaded ahead of the one being computed: 1 or 2
 ):
     """dx for rows [row_lo, row_hi); returns Σ dy ⊙ x̂ and Σ dy over them, per column (fp32 registers).
 
-    The next tile's loads are issued before this tile's arithmetic (software prefetch), so each program
-    keeps two tiles of x and dy in flight instead of waiting on every load.
+    The loads of the next DEPTH tiles are issued before this tile's arithmetic (software prefetch), so
+    each program keeps DEPTH + 1 tiles of x and dy in flight instead of waiting on every load. (Triton's
+    own pipelining through shared memory does not take 16-bit loads that feed no matmul.)
     """
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -181,8 +206,14 @@ def _bwd_rows(
     rows = row_lo + tl.arange(0, BLOCK_M)
     rmask = rows < row_hi
     x, dy, ds, mean, rstd = _bwd_load(X, DY, DRES, STATS, rows, rmask, cols, cmask, M, N, HAS_DRES)
+    # with DEPTH 2, the tile after the next one (with DEPTH 1 these stay unused and are dropped)
+    rows1 = rows + BLOCK_M
+    mask1 = rows1 < row_hi
+    x1, dy1, ds1, mean1, rstd1 = x, dy, ds, mean, rstd
+    if DEPTH == 2:
+        x1, dy1, ds1, mean1, rstd1 = _bwd_load(X, DY, DRES, STATS, rows1, mask1, cols, cmask, M, N, HAS_DRES)
     for _ in range(0, n_rows, BLOCK_M):
-        nrows = rows + BLOCK_M
+        nrows = rows + DEPTH * BLOCK_M
         nmask = nrows < row_hi
         nx, ndy, nds, nmean, nrstd = _bwd_load(X, DY, DRES, STATS, nrows, nmask, cols, cmask, M, N, HAS_DRES)
         # this tile, in fp32
@@ -208,7 +239,124 @@ def _bwd_rows(
             tl.store(SQ + rows * K, tl.sum(gw * gw, axis=1), mask=rmask)
             if HAS_BIAS:
                 tl.store(SQ + rows * K + 1, tl.sum(dyf * dyf, axis=1), mask=rmask)
-        x, dy, ds, mean, rstd, rows, rmask = nx, ndy, nds, nmean, nrstd, nrows, nmask
+        if DEPTH == 2:
+            x, dy, ds, mean, rstd, rows, rmask = x1, dy1, ds1, mean1, rstd1, rows1, mask1
+            x1, dy1, ds1, mean1, rstd1, rows1, mask1 = nx, ndy, nds, nmean, nrstd, nrows, nmask
+        else:
+            x, dy, ds, mean, rstd, rows, rmask = nx, ndy, nds, nmean, nrstd, nrows, nmask
+    return acc_w, acc_b
+
+
+@triton.jit
+def _load_pairs(PTR, pairs, mask):
+    """fp32 (even, odd) columns of a tile given by the indices of its column pairs (rows * N/2 + c).
+
+    A 16-bit tensor is read as int32 words of two values: Triton pipelines only loads of 32-bit
+    elements through shared memory, and this way they are.
+    """
+    if PTR.dtype.element_ty.primitive_bitwidth == 16:
+        v = tl.load(PTR.to(tl.pointer_type(tl.int32)) + pairs, mask=mask, other=0)
+        if PTR.dtype.element_ty == tl.bfloat16:  # bf16 → fp32 is a shift into the high half
+            lo = (v << 16).to(tl.float32, bitcast=True)
+            hi = (v & -65536).to(tl.float32, bitcast=True)
+        else:
+            lo = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        two = tl.arange(0, 2)
+        v = tl.load(PTR + (pairs[:, :, None] * 2 + two[None, None, :]), mask=mask[:, :, None], other=0.0)
+        lo, hi = tl.split(v.to(tl.float32))
+    return lo, hi
+
+
+@triton.jit
+def _store_pairs(PTR, pairs, mask, lo, hi):
+    """Store fp32 (even, odd) columns into PTR's dtype (round to nearest even), the inverse of _load_pairs."""
+    ty = PTR.dtype.element_ty
+    if ty.primitive_bitwidth == 16:
+        a = lo.to(ty, fp_downcast_rounding="rtne").to(tl.int16, bitcast=True).to(tl.int32) & 65535
+        b = hi.to(ty, fp_downcast_rounding="rtne").to(tl.int16, bitcast=True).to(tl.int32)
+        tl.store(PTR.to(tl.pointer_type(tl.int32)) + pairs, a | (b << 16), mask=mask)
+    else:
+        two = tl.arange(0, 2)
+        tl.store(PTR + (pairs[:, :, None] * 2 + two[None, None, :]), tl.join(lo, hi).to(ty), mask=mask[:, :, None])
+
+
+@triton.jit
+def _bwd_rows_pipelined(
+    X, DY, STATS, DX, DRES, DX2, SQ, w, row_lo, row_hi, n_rows, M, N,
+    PER_ROW_SQ: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRES: tl.constexpr, HAS_DX2: tl.constexpr,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+):
+    """_bwd_rows for an even N, with the loads pipelined by the compiler (STAGES tiles in flight in
+    shared memory, cp.async) instead of held in registers: each tile is worked on as its even and odd
+    columns (one 32-bit word of a 16-bit tensor holds one of each). Returns the same accumulators."""
+    BLOCK_H: tl.constexpr = BLOCK_N // 2
+    H = N // 2
+    c = tl.arange(0, BLOCK_H)
+    cmask = c < H
+    we, wo = tl.split(tl.reshape(w, [BLOCK_H, 2]))
+    acc_we = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    acc_wo = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    acc_be = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    acc_bo = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    for i in tl.range(0, n_rows, BLOCK_M, num_stages=STAGES):
+        rows = row_lo + i + tl.arange(0, BLOCK_M)
+        rmask = rows < row_hi
+        mask = rmask[:, None] & cmask[None, :]
+        pairs = rows.to(tl.int64)[:, None] * H + c[None, :]
+        xe, xo = _load_pairs(X, pairs, mask)
+        dye, dyo = _load_pairs(DY, pairs, mask)
+        mean = tl.load(STATS + rows, mask=rmask, other=0.0)
+        rstd = tl.load(STATS + M + rows, mask=rmask, other=0.0)
+        he = tl.where(mask, (xe - mean[:, None]) * rstd[:, None], 0.0)
+        ho = tl.where(mask, (xo - mean[:, None]) * rstd[:, None], 0.0)
+        wde = we[None, :] * dye
+        wdo = wo[None, :] * dyo
+        c1 = (tl.sum(he * wde, axis=1) + tl.sum(ho * wdo, axis=1)) / N
+        c2 = (tl.sum(wde, axis=1) + tl.sum(wdo, axis=1)) / N
+        dxe = (wde - (he * c1[:, None] + c2[:, None])) * rstd[:, None]
+        dxo = (wdo - (ho * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DRES:
+            dse, dso = _load_pairs(DRES, pairs, mask)
+            dxe += dse
+            dxo += dso
+        _store_pairs(DX, pairs, mask, dxe, dxo)
+        if HAS_DX2:
+            _store_pairs(DX2, pairs, mask, dxe, dxo)
+        gwe = dye * he
+        gwo = dyo * ho
+        acc_we += gwe
+        acc_wo += gwo
+        if HAS_BIAS:
+            acc_be += dye
+            acc_bo += dyo
+        if PER_ROW_SQ:
+            tl.store(SQ + rows * K, tl.sum(gwe * gwe, axis=1) + tl.sum(gwo * gwo, axis=1), mask=rmask)
+            if HAS_BIAS:
+                tl.store(SQ + rows * K + 1, tl.sum(dye * dye, axis=1) + tl.sum(dyo * dyo, axis=1), mask=rmask)
+    acc_w = tl.reshape(tl.join(acc_we, acc_wo), [BLOCK_M, BLOCK_N])
+    acc_b = tl.reshape(tl.join(acc_be, acc_bo), [BLOCK_M, BLOCK_N])
+    return acc_w, acc_b
+
+
+@triton.jit
+def _bwd_rows_any(
+    X, DY, STATS, DX, DRES, DX2, SQ, w, row_lo, row_hi, n_rows, M, N,
+    PER_ROW_SQ: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRES: tl.constexpr, HAS_DX2: tl.constexpr,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEPTH: tl.constexpr, STAGES: tl.constexpr,
+):
+    """_bwd_rows_pipelined when STAGES > 0, else _bwd_rows with DEPTH tiles of register prefetch."""
+    if STAGES > 0:
+        acc_w, acc_b = _bwd_rows_pipelined(
+            X, DY, STATS, DX, DRES, DX2, SQ, w, row_lo, row_hi, n_rows, M, N, PER_ROW_SQ, HAS_BIAS, HAS_DRES,
+            HAS_DX2, K, BLOCK_M, BLOCK_N, STAGES,
+        )
+    else:
+        acc_w, acc_b = _bwd_rows(
+            X, DY, STATS, DX, DRES, DX2, SQ, w, row_lo, row_hi, n_rows, M, N, PER_ROW_SQ, HAS_BIAS, HAS_DRES,
+            HAS_DX2, K, BLOCK_M, BLOCK_N, DEPTH,
+        )
     return acc_w, acc_b
 
 
@@ -221,8 +369,12 @@ def _layer_norm_bwd_kernel(
     DX,  # (M, N) output gradient w.r.t. x, x's dtype (+ DRES when HAS_DRES)
     DRES,  # (M, N) gradient of the residual output s (HAS_DRES); a dummy pointer otherwise
     DX2,  # (M, N) dx again in the residual input's dtype (HAS_DX2); a dummy pointer otherwise
-    PART,  # (K, P, N) fp32: per program, Σ dy ⊙ x̂ (and Σ dy) over its rows (MODE 2: program b*C + c)
-    SQ,  # (NUM_EX, K) fp32: per-example |dγ_b|², |dβ_b|² (MODE 0 and 1 only; MODE 2 leaves it)
+    PART,  # (K, P, N) fp32: per program, Σ dy ⊙ x̂ (and Σ dy) over its rows (MODE 2: program b*C + c);
+    #        with TAIL_REDUCE followed by (K, NGRP, N) fp32 for the groups' sums
+    SQ,  # (NUM_EX, K) fp32: per-example |dγ_b|², |dβ_b|² (MODE 2 only with TAIL_REDUCE)
+    DW,  # (N,) dγ, weight dtype (TAIL_REDUCE only)
+    DB,  # (N,) dβ, bias dtype (TAIL_REDUCE and HAS_BIAS only)
+    CNT,  # (NGRP + 1,) int32, zero between launches: arrivals per group, then groups done (TAIL_REDUCE)
     M,
     N,
     T,  # rows per example
@@ -231,14 +383,22 @@ def _layer_norm_bwd_kernel(
     G,  # MODE 1: examples per program
     C,  # MODE 2: chunks per example
     R,  # MODE 0: rows per program; MODE 2: rows per chunk (both multiples of BLOCK_M)
+    GP,  # TAIL_REDUCE: programs per group (MODE 2: C, a group is an example)
+    NGRP,  # TAIL_REDUCE: groups
     HAS_BIAS: tl.constexpr,
     HAS_DRES: tl.constexpr,
     HAS_DX2: tl.constexpr,
     K: tl.constexpr,  # columns of SQ: 2 with a bias, else 1
     MODE: tl.constexpr,  # 0: T == 1, rows are examples; 1: G whole examples; 2: one chunk of one example
+    TAIL_REDUCE: tl.constexpr,  # the last programs to finish sum the partials (no reduce kernel)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # TAIL_REDUCE: partial rows summed per load
+    DEPTH: tl.constexpr,  # tiles of x and dy loaded ahead (software prefetch depth)
+    STAGES: tl.constexpr,  # > 0: even N, loads pipelined by the compiler over this many stages instead
+    USE_PDL: tl.constexpr,
 ):
+    _pdl_begin(USE_PDL)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -246,9 +406,9 @@ def _layer_norm_bwd_kernel(
     if MODE == 0:
         # a run of R rows, each its own example: squared norms straight from each row
         lo = pid * R
-        tot_w, tot_b = _bwd_rows(
+        tot_w, tot_b = _bwd_rows_any(
             X, DY, STATS, DX, DRES, DX2, SQ, w, lo, tl.minimum(lo + R, M), R, M, N, True, HAS_BIAS, HAS_DRES,
-            HAS_DX2, K, BLOCK_M, BLOCK_N,
+            HAS_DX2, K, BLOCK_M, BLOCK_N, DEPTH, STAGES,
         )
     elif MODE == 1:
         # G whole examples per program: each example's sum over its T rows completes in registers
@@ -259,9 +419,9 @@ def _layer_norm_bwd_kernel(
             b = pid * G + e
             lo = b * T
             hi = tl.where(b < NUM_EX, lo + T, lo)  # past the last example: nothing to do
-            acc_w, acc_b = _bwd_rows(
+            acc_w, acc_b = _bwd_rows_any(
                 X, DY, STATS, DX, DRES, DX2, SQ, w, lo, hi, t_pad, M, N, False, HAS_BIAS, HAS_DRES, HAS_DX2, K,
-                BLOCK_M, BLOCK_N,
+                BLOCK_M, BLOCK_N, DEPTH, STAGES,
             )
             ex_w = tl.sum(acc_w, axis=0)  # dγ_b
             tl.store(SQ + b * K, tl.sum(ex_w * ex_w, axis=0), mask=b < NUM_EX)
@@ -276,14 +436,90 @@ def _layer_norm_bwd_kernel(
         c = pid % C
         lo = b * T + c * R
         hi = b * T + tl.minimum(c * R + R, T)
-        tot_w, tot_b = _bwd_rows(
+        tot_w, tot_b = _bwd_rows_any(
             X, DY, STATS, DX, DRES, DX2, SQ, w, lo, hi, R, M, N, False, HAS_BIAS, HAS_DRES, HAS_DX2, K, BLOCK_M,
-            BLOCK_N,
+            BLOCK_N, DEPTH, STAGES,
         )
     part = pid * N + cols  # P * N stays far below 2**31 (P is about 2-4 programs per SM)
     tl.store(PART + part, tl.sum(tot_w, axis=0), mask=cmask)
     if HAS_BIAS:
         tl.store(PART + P * N + part, tl.sum(tot_b, axis=0), mask=cmask)
+    if TAIL_REDUCE:
+        _tail_reduce(PART, SQ, DW, DB, CNT, pid, N, P, GP, NGRP, cols, cmask, HAS_BIAS, K, MODE, BLOCK_R, BLOCK_N)
+
+
+@triton.jit
+def _sum_rows(
+    A, B, row_lo, n_rows, N, cols, cmask, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Σ of rows [row_lo, row_lo + n_rows) of the row-major (·, N) fp32 arrays A (and B when HAS_B).
+
+    The rows were stored by other programs: loads go through L2 (.cg), where those stores are visible;
+    the next tile is loaded before the current one is added. Always the same order (deterministic).
+    """
+    r = tl.arange(0, BLOCK_R)
+    acc_a = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    m = (r < n_rows)[:, None] & cmask[None, :]
+    offs = (row_lo + r).to(tl.int64)[:, None] * N + cols[None, :]
+    cur_a = tl.load(A + offs, mask=m, other=0.0, cache_modifier=".cg")
+    cur_b = acc_b
+    if HAS_B:
+        cur_b = tl.load(B + offs, mask=m, other=0.0, cache_modifier=".cg")
+    for r0 in range(0, n_rows, BLOCK_R):
+        rows = r0 + BLOCK_R + r
+        m = (rows < n_rows)[:, None] & cmask[None, :]
+        offs = (row_lo + rows).to(tl.int64)[:, None] * N + cols[None, :]
+        nxt_a = tl.load(A + offs, mask=m, other=0.0, cache_modifier=".cg")
+        nxt_b = cur_b
+        if HAS_B:
+            nxt_b = tl.load(B + offs, mask=m, other=0.0, cache_modifier=".cg")
+        acc_a += cur_a
+        acc_b += cur_b
+        cur_a, cur_b = nxt_a, nxt_b
+    return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
+
+
+@triton.jit
+def _tail_reduce(
+    PART, SQ, DW, DB, CNT, pid, N, P, GP, NGRP, cols, cmask,
+    HAS_BIAS: tl.constexpr, K: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The backward's reduction without a second kernel: a two-level tree of "last to arrive" programs.
+
+    Programs form NGRP groups of GP consecutive programs (MODE 2: the C chunks of one example). The last
+    program of a group to store its partials (an atomic count per group) sums the group's partials, in
+    program order, into the group's row; in MODE 2 that row is the example's whole dγ_b (and dβ_b), so
+    it also writes |dγ_b|², |dβ_b|². The last group to finish sums the groups' rows into dγ and dβ.
+    Nobody waits on anybody (no spinning, safe whatever the number of resident programs), and every
+    sum runs in a fixed order, so results repeat bitwise. Each counter is reset by the program that
+    saw it complete, ready for the next launch on the stream. Ordering: every thread's stores, a CTA
+    barrier, then one gpu-scope acq_rel atomic (as CUTLASS's semaphore); readers load through L2.
+    """
+    GPART = PART + K * P * N  # (K, NGRP, N): the groups' sums
+    grp = pid // GP
+    lo = grp * GP
+    n = tl.minimum(GP, P - lo)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(CNT + grp, 1, sem="acq_rel", scope="gpu")
+    if arrived == n - 1:
+        gw, gb = _sum_rows(PART, PART + P * N, lo, n, N, cols, cmask, HAS_BIAS, BLOCK_R, BLOCK_N)
+        tl.store(GPART + grp * N + cols, gw, mask=cmask)
+        if MODE == 2:
+            tl.store(SQ + grp * K, tl.sum(gw * gw, axis=0))
+        if HAS_BIAS:
+            tl.store(GPART + (NGRP + grp) * N + cols, gb, mask=cmask)
+            if MODE == 2:
+                tl.store(SQ + grp * K + 1, tl.sum(gb * gb, axis=0))
+        tl.store(CNT + grp, 0)
+        tl.debug_barrier()
+        done = tl.atomic_add(CNT + NGRP, 1, sem="acq_rel", scope="gpu")
+        if done == NGRP - 1:
+            tw, tb = _sum_rows(GPART, GPART + NGRP * N, 0, NGRP, N, cols, cmask, HAS_BIAS, BLOCK_R, BLOCK_N)
+            tl.store(DW + cols, tw.to(DW.dtype.element_ty), mask=cmask)
+            if HAS_BIAS:
+                tl.store(DB + cols, tb.to(DB.dtype.element_ty), mask=cmask)
+            tl.store(CNT + NGRP, 0)
 
 
 @triton.jit
@@ -305,7 +541,9 @@ def _layer_norm_bwd_reduce_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_NB: tl.constexpr,  # next power of two >= NB
+    USE_PDL: tl.constexpr,
 ):
+    _pdl_begin(USE_PDL)
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -366,13 +604,32 @@ _FWD_CONFIG = {
     (1024, 2): (4, 4), (2048, 2): (1, 4), (4096, 2): (2, 8), (8192, 2): (1, 8),
     (1024, 4): (4, 4), (2048, 4): (2, 16), (4096, 4): (2, 16), (8192, 4): (1, 16),
 }
-# (BLOCK_M, num_warps, backward programs per SM), same keys. More programs per SM put more loads in
-# flight but each writes its own N-float partial sums (more traffic for the reduce stage).
+class _BwdConfig(NamedTuple):
+    """Launch configuration of the backward for one (BLOCK_N, bytes per element)."""
+
+    block_m: int  # rows per tile
+    num_warps: int
+    per_sm: int  # programs per SM: more put more loads in flight, but each writes its own partial sums
+    tail: bool  # reduce the partial sums in the main kernel's last programs (no second kernel), where
+    #             each of its two levels reads at most _TAIL_MAX_BYTES (one program reads them)
+    depth: int  # tiles loaded ahead in registers (software prefetch): 1 or 2
+    stages: int = 0  # > 0: for an even N, the compiler pipelines the loads over this many stages of
+    #                  shared memory instead (_bwd_rows_pipelined); depth is then unused
+    maxnreg: Optional[int] = None  # registers per thread at most (more programs fit on an SM)
+
+
 _BWD_CONFIG = {
-    (1024, 2): (4, 4, 2), (2048, 2): (2, 8, 2), (4096, 2): (1, 8, 2), (8192, 2): (1, 16, 2),
-    (1024, 4): (4, 4, 2), (2048, 4): (2, 16, 2), (4096, 4): (2, 16, 2), (8192, 4): (1, 8, 2),
+    (1024, 2): _BwdConfig(4, 4, 2, False, 1), (2048, 2): _BwdConfig(2, 8, 2, False, 1),
+    (4096, 2): _BwdConfig(1, 8, 2, False, 1), (8192, 2): _BwdConfig(1, 16, 2, False, 1),
+    (1024, 4): _BwdConfig(4, 4, 2, False, 1), (2048, 4): _BwdConfig(2, 16, 2, False, 1),
+    (4096, 4): _BwdConfig(2, 16, 2, False, 1), (8192, 4): _BwdConfig(1, 8, 2, False, 1),
 }
+_TAIL_MAX_BYTES = 256 << 10
+# None: the table above decides; True/False forces the tail reduction on or off (A/B benchmarks).
+TAIL_REDUCE: Optional[bool] = None
 _CPU_TARGET_PROGRAMS = 4  # the interpreter runs programs one after another: a handful is plenty
+# Launch the kernels with programmatic dependent launch where the GPU has it (sm90+).
+PDL = False
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -389,15 +646,26 @@ def _fwd_config(block_n: int, elem_size: int) -> tuple[int, int]:
     return _FWD_CONFIG[(block_n, 2 if elem_size <= 2 else 4)]
 
 
-def _bwd_config(block_n: int, elem_size: int) -> tuple[int, int, int]:
+def _bwd_config(block_n: int, elem_size: int) -> _BwdConfig:
     if block_n < 1024:
-        return max(1, min(16, 4096 // block_n)), 4, 2
+        return _BwdConfig(max(1, min(16, 4096 // block_n)), 4, 2, False, 1)
     return _BWD_CONFIG[(block_n, 2 if elem_size <= 2 else 4)]
 
 
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _has_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _pdl(device: torch.device) -> bool:
+    if not PDL or device.type != "cuda":
+        return False
+    return _has_pdl(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _target_programs(device: torch.device, progs_per_sm: int) -> int:
@@ -429,39 +697,73 @@ def _bwd_plan(num_ex: int, T: int, block_m: int, target: int) -> tuple[int, int,
     return 2, num_ex * C, 1, C, R, block_m
 
 
+def _tail_groups(mode: int, P: int, C: int, num_ex: int) -> tuple[int, int]:
+    """(programs per group, groups) of the tail reduction: MODE 2 groups an example's C chunks."""
+    if mode == 2:
+        return C, num_ex
+    gp = max(1, math.isqrt(P - 1) + 1)  # about √P programs per group and √P groups
+    return gp, _cdiv(P, gp)
+
+
+class _BwdLaunch(NamedTuple):
+    """Everything the backward launches need for one shape."""
+
+    P: int  # programs of the main kernel
+    G: int
+    C: int
+    R: int
+    GP: int  # tail reduction: programs per group (0 without it)
+    NGRP: int  # tail reduction: groups (0 without it)
+    work: int  # fp32 workspace elements: partial sums, then the groups' sums or the partial norms
+    main: dict  # the main kernel's constexprs and launch options
+    reduce: Optional[tuple]  # (NG, NC, NB, has_sq, constexprs) of the reduce kernel; None with the tail
+
+
 @functools.lru_cache(maxsize=256)
 def _bwd_launch(
-    num_ex: int, T: int, N: int, elem_size: int, has_bias: bool, target: int, block_m: int, num_warps: int
-) -> tuple:
-    """Everything both backward launches need for one shape (cached: Python arithmetic costs µs)."""
+    num_ex: int, T: int, N: int, has_bias: bool, target: int, block_m: int, num_warps: int, tail: bool,
+    depth: int = 1, stages: int = 0, maxnreg: Optional[int] = None,
+) -> _BwdLaunch:
+    """The plan for one shape (cached: Python arithmetic costs µs on every call)."""
     K = 2 if has_bias else 1
     block_n = _next_pow2(N)
     mode, P, G, C, R, bm = _bwd_plan(num_ex, T, block_m, target)
+    GP, NGRP = _tail_groups(mode, P, C, num_ex)
+    tail = tail and max(GP, NGRP) * K * N * 4 <= _TAIL_MAX_BYTES
+    main = dict(
+        HAS_BIAS=has_bias, K=K, MODE=mode, TAIL_REDUCE=tail, BLOCK_M=bm, BLOCK_N=block_n,
+        BLOCK_R=max(1, min(8, 1024 * num_warps // block_n)), DEPTH=depth, STAGES=stages if N % 2 == 0 else 0,
+        num_warps=num_warps,
+    )
+    if maxnreg:
+        main["maxnreg"] = maxnreg
+    if tail:
+        return _BwdLaunch(P, G, C, R, GP, NGRP, K * (P + NGRP) * N, main, None)
     has_sq = mode == 2  # MODE 2 reduces (B, C, N) per example, then squares; otherwise sums (1, P, N)
     NG, NC = (num_ex, C) if has_sq else (1, P)
     block_n2 = min(block_n, 16)
     NB = _cdiv(N, block_n2)
     block_c = min(_next_pow2(NC), 256)
     block_g = max(1, min(_next_pow2(NG), 4096 // (block_c * block_n2)))
-    main = dict(HAS_BIAS=has_bias, K=K, MODE=mode, BLOCK_M=bm, BLOCK_N=block_n, num_warps=num_warps)
     reduce = dict(
         HAS_BIAS=has_bias, HAS_SQ=has_sq, K=K, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_N=block_n2,
         BLOCK_NB=_next_pow2(NB), num_warps=4,
     )
-    return K, P, G, C, R, NG, NC, NB, has_sq, main, reduce
+    work = K * P * N + (num_ex * K * NB if has_sq else 0)  # then (MODE 2) the (B, K, NB) partial norms
+    return _BwdLaunch(P, G, C, R, 1, 1, work, main, (NG, NC, NB, has_sq, reduce))
 
 
 _COUNTERS: dict = {}
 
 
-def _counter(device: torch.device) -> Tensor:
-    """A zero int32 per device for the reduce kernel's last-program count; each launch leaves it zero.
+def _counters(device: torch.device, n: int) -> Tensor:
+    """At least n zero int32 per device for the atomic arrival counts; every launch leaves them zero.
 
-    One backward LayerNorm at a time per device (launches on one stream are ordered).
+    One LayerNorm backward at a time per device (launches on one stream are ordered).
     """
     c = _COUNTERS.get(device)
-    if c is None:
-        c = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    if c is None or c.numel() < n:
+        c = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
     return c
 
 
@@ -507,11 +809,12 @@ def layer_norm_forward(
     bm, nw = _fwd_config(block_n, x.element_size())
     bm = block_m or bm
     if M > 0:
+        pdl = _pdl(x.device)
         _layer_norm_fwd_kernel[(_cdiv(M, bm),)](
             x2, residual if s is not None else x2, s if s is not None else x2, weight,
             bias if bias is not None else weight, y, stats, M, N, eps,
             HAS_RES=s is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=block_n,
-            DOWNCAST=y.dtype != torch.float32, num_warps=num_warps or nw,
+            DOWNCAST=y.dtype != torch.float32, USE_PDL=pdl, num_warps=num_warps or nw, launch_pdl=pdl,
         )
     return y, stats, s
 
@@ -519,13 +822,19 @@ def layer_norm_forward(
 def layer_norm_backward(
     dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: Tensor, *, ds: Optional[Tensor] = None,
     dx2_dtype: Optional[torch.dtype] = None, block_m: Optional[int] = None, num_warps: Optional[int] = None,
-    target_programs: Optional[int] = None,
+    target_programs: Optional[int] = None, tail_reduce: Optional[bool] = None, depth: Optional[int] = None,
+    stages: Optional[int] = None, maxnreg: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
     """(dx, dweight, dbias or None, per-example squared norms (B, k) fp32, dx2 or None).
 
     x is what was normalised (s with a residual). ds: the gradient of s from its other uses, added
     into dx. dx is in x's dtype; dx2_dtype, when given, asks for the same values once more in that
     dtype (the gradient of a residual input narrower than s), written by the same pass.
+    block_m, num_warps, target_programs (about how many programs share the rows), tail_reduce (sum the
+    partials in the main kernel's last programs instead of a second kernel), depth (tiles loaded ahead
+    in registers, 1 or 2), stages (> 0: pipeline the loads through shared memory, even N only) and
+    maxnreg (registers per thread at most; 0: no cap) override the tuned launch configuration
+    (_BWD_CONFIG), for the sweep and the tests.
     """
     N = x.shape[-1]
     num_ex = x.shape[0]
@@ -545,22 +854,34 @@ def layer_norm_backward(
         if db is not None:
             db.zero_()
         return dx, dw, db, torch.zeros(num_ex, 2 if has_bias else 1, dtype=torch.float32, device=dev), dx2
-    bm, nw, per_sm = _bwd_config(_next_pow2(N), x.element_size())
-    target = target_programs or _target_programs(dev, per_sm)
-    K, P, G, C, R, NG, NC, NB, has_sq, main, reduce = _bwd_launch(
-        num_ex, T, N, x.element_size(), has_bias, target, block_m or bm, num_warps or nw
+    cfg = _bwd_config(_next_pow2(N), x.element_size())
+    if tail_reduce is None:
+        tail_reduce = cfg.tail if TAIL_REDUCE is None else TAIL_REDUCE
+    target = target_programs or _target_programs(dev, cfg.per_sm)
+    stages = cfg.stages if stages is None else stages
+    if stages and any(t.data_ptr() % 4 for t in (x2, dy2, ds2) if t is not None):
+        stages = 0  # _bwd_rows_pipelined reads pairs of 16-bit values as 32-bit words
+    plan = _bwd_launch(
+        num_ex, T, N, has_bias, target, block_m or cfg.block_m, num_warps or cfg.num_warps, tail_reduce,
+        depth or cfg.depth, stages, cfg.maxnreg if maxnreg is None else maxnreg,
     )
-    # fp32 workspace: the (K, P, N) partial sums, then (MODE 2) the (B, K, NB) partial squared norms
-    work = torch.empty(K * P * N + (num_ex * K * NB if has_sq else 0), dtype=torch.float32, device=dev)
-    sq = torch.empty((num_ex, K), dtype=torch.float32, device=dev)
+    P = plan.P
+    work = torch.empty(plan.work, dtype=torch.float32, device=dev)
+    sq = torch.empty((num_ex, 2 if has_bias else 1), dtype=torch.float32, device=dev)
+    cnt = _counters(dev, plan.NGRP + 1)
+    pdl = _pdl(dev)
     _layer_norm_bwd_kernel[(P,)](
         x2, dy2, weight, stats, dx, ds2 if ds2 is not None else dx, dx2 if dx2 is not None else dx, work, sq,
-        M, N, T, num_ex, P, G, C, R, HAS_DRES=ds2 is not None, HAS_DX2=dx2 is not None, **main,
+        dw, db if has_bias else dw, cnt, M, N, T, num_ex, P, plan.G, plan.C, plan.R, plan.GP, plan.NGRP,
+        HAS_DRES=ds2 is not None, HAS_DX2=dx2 is not None, USE_PDL=pdl, launch_pdl=pdl, **plan.main,
     )
-    _layer_norm_bwd_reduce_kernel[(NB,)](
-        work, dw, db if has_bias else dw, work[K * P * N:] if has_sq else work, sq,
-        _counter(dev) if has_sq else sq, NG, NC, N, NB, **reduce,
-    )
+    if plan.reduce is not None:
+        NG, NC, NB, has_sq, consts = plan.reduce
+        KPN = consts["K"] * P * N
+        _layer_norm_bwd_reduce_kernel[(NB,)](
+            work, dw, db if has_bias else dw, work[KPN:] if has_sq else work, sq, cnt, NG, NC, N, NB,
+            USE_PDL=pdl, launch_pdl=pdl, **consts,
+        )
     return dx, dw, db, sq, dx2
 
 
