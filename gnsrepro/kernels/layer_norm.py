@@ -709,11 +709,11 @@ class _BwdLaunch(NamedTuple):
     """Everything the backward launches need for one shape."""
 
     P: int  # programs of the main kernel
-    G: int
-    C: int
-    R: int
-    GP: int  # tail reduction: programs per group (0 without it)
-    NGRP: int  # tail reduction: groups (0 without it)
+    G: int  # MODE 1: examples per program
+    C: int  # MODE 2: chunks per example
+    R: int  # MODE 0: rows per program; MODE 2: rows per chunk
+    GP: int  # tail reduction: programs per group (1 without it)
+    NGRP: int  # tail reduction: groups (1 without it)
     work: int  # fp32 workspace elements: partial sums, then the groups' sums or the partial norms
     main: dict  # the main kernel's constexprs and launch options
     reduce: Optional[tuple]  # (NG, NC, NB, has_sq, constexprs) of the reduce kernel; None with the tail
