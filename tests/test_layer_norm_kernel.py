@@ -541,9 +541,9 @@ def test_benchmark_says_it_needs_cuda():
         run(SimpleNamespace(device="auto", out=None, steps=2, warmup=1))
 
 
-def test_backward_sweeps_try_every_configuration_on_a_stub_device(monkeypatch):
-    """The GPU sweeps' bookkeeping on CPU: every configuration reaches the launcher (and runs in the
-    interpreter), with a stand-in for the CUDA-graph timer that counts the calls."""
+def test_benchmarks_try_every_configuration_on_a_stub_device(monkeypatch, tmp_path):
+    """The GPU benchmarks' bookkeeping on CPU: every configuration reaches the launcher (and runs in the
+    interpreter), with stand-ins for the CUDA timers (the graph timer counts its calls)."""
     from types import SimpleNamespace
 
     import gnsrepro.benchmarks.layernorm as L
@@ -554,7 +554,9 @@ def test_backward_sweeps_try_every_configuration_on_a_stub_device(monkeypatch):
     monkeypatch.setattr(L, "copy_bandwidth_gbps", lambda device, *a, **k: 1.0)
     monkeypatch.setattr(L, "BATCH", 2)
     monkeypatch.setattr(L, "SEQ", 8)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(multi_processor_count=2))
+    monkeypatch.setattr(L, "time_us", lambda f, warmup, steps, flush=None: (f(), 1.0)[1])
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(multi_processor_count=2, name="stub"))
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(16, dtype=torch.uint8) if a == (256 << 20,)
                         else real_empty(*a, **k))
@@ -567,6 +569,12 @@ def test_backward_sweeps_try_every_configuration_on_a_stub_device(monkeypatch):
         df.loc[first][["block_m", "num_warps", "stages"]].tolist()
     dv = L.variants(sizes=(34,), dtypes=("bf16",), steps=1)
     assert len(dv) == 8 and set(dv.pdl) == {False, True} and K.PDL is False
+    # the benchmark itself: a parquet row per size and dtype, with the backward's launch configuration
+    monkeypatch.setattr(L, "SIZES", (34, 1000))
+    out = tmp_path / "ln.parquet"
+    table = L.run(SimpleNamespace(device="auto", out=str(out), steps=1, warmup=1))
+    assert len(table) == 4 and out.exists()
+    assert table.rel_err_sq.max() < 1e-5 and table.bwd_block_m.notna().all()
 
 
 def test_every_kernel_variant_compiles_for_sm90():

@@ -179,12 +179,15 @@ def run(cfg) -> pd.DataFrame:
     out_path = Path(getattr(cfg, "out", None) or DEFAULT_OUT)
     import triton
 
+    from gnsrepro.kernels import layer_norm as K
+
     props = torch.cuda.get_device_properties(device)
     meta = {
         "device_name": props.name,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "pdl": K.PDL,
     }
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
     copy_gbps = copy_bandwidth_gbps(device)
@@ -192,8 +195,10 @@ def run(cfg) -> pd.DataFrame:
     for dname, dtype in DTYPES.items():
         for N in SIZES:
             r = _bench_one(device, dtype, N, warmup, steps, flush)
+            # the backward's launch configuration at this size (the table in gnsrepro.kernels.layer_norm)
+            bwd = {f"bwd_{k}": v for k, v in K._bwd_config(K._next_pow2(N), dtype.itemsize)._asdict().items()}
             rows.append(dict(N=N, dtype=dname, **r, copy_gbps=copy_gbps, pct_copy=100 * r["triton_gbps"] / copy_gbps,
-                             steps=steps, **meta))
+                             steps=steps, **bwd, **meta))
     df = pd.DataFrame(rows)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     df.to_parquet(out_path, index=False)
