@@ -92,6 +92,13 @@ def graph_time_us(fn: Callable[[], object], steps: int, flush: Optional[torch.Te
         return float("nan")
 
 
+def _gpu() -> tuple[torch.device, torch.Tensor, int]:
+    """The CUDA device, a 256 MB buffer whose zeroing flushes L2 between timed calls, and its SM count."""
+    device = _device("auto")
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    return device, flush, torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30, steps: int = 20) -> float:
     """Device-to-device copy: (bytes read + bytes written) / median time, in GB/s."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
@@ -242,9 +249,7 @@ def sweep(
 
     Device time (CUDA-graph replay): at small N a launcher's Python costs more than its kernel.
     """
-    device = _device("auto")
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
-    nsm = torch.cuda.get_device_properties(device).multi_processor_count
+    device, flush, nsm = _gpu()
     rows = []
     for dname in dtypes:
         for N in sizes:
@@ -318,9 +323,7 @@ def sweep_bwd(sizes=(768, 1024), dtypes=("bf16", "fp32"), steps: int = 15, out: 
     """
     from gnsrepro.kernels import layer_norm as K
 
-    device = _device("auto")
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
-    nsm = torch.cuda.get_device_properties(device).multi_processor_count
+    device, flush, nsm = _gpu()
     rows = []
     for dname in dtypes:
         for N in sizes:
@@ -378,8 +381,7 @@ def variants(sizes=SIZES, dtypes=("bf16", "fp32"), steps: int = 20, per_sms=(1, 
     """
     from gnsrepro.kernels import layer_norm as K
 
-    device = _device("auto")
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    device, flush, _ = _gpu()
     copy_gbps = copy_bandwidth_gbps(device)
     saved = K.PDL
     rows = []

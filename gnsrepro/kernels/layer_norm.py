@@ -460,24 +460,25 @@ def _sum_rows(
     r = tl.arange(0, BLOCK_R)
     acc_a = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    m = (r < n_rows)[:, None] & cmask[None, :]
-    offs = (row_lo + r).to(tl.int64)[:, None] * N + cols[None, :]
-    cur_a = tl.load(A + offs, mask=m, other=0.0, cache_modifier=".cg")
-    cur_b = acc_b
-    if HAS_B:
-        cur_b = tl.load(B + offs, mask=m, other=0.0, cache_modifier=".cg")
+    cur_a, cur_b = _load_rows(A, B, row_lo, r, n_rows, N, cols, cmask, acc_b, HAS_B)
     for r0 in range(0, n_rows, BLOCK_R):
-        rows = r0 + BLOCK_R + r
-        m = (rows < n_rows)[:, None] & cmask[None, :]
-        offs = (row_lo + rows).to(tl.int64)[:, None] * N + cols[None, :]
-        nxt_a = tl.load(A + offs, mask=m, other=0.0, cache_modifier=".cg")
-        nxt_b = cur_b
-        if HAS_B:
-            nxt_b = tl.load(B + offs, mask=m, other=0.0, cache_modifier=".cg")
+        nxt_a, nxt_b = _load_rows(A, B, row_lo, r0 + BLOCK_R + r, n_rows, N, cols, cmask, acc_b, HAS_B)
         acc_a += cur_a
         acc_b += cur_b
         cur_a, cur_b = nxt_a, nxt_b
     return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
+
+
+@triton.jit
+def _load_rows(A, B, row_lo, rows, n_rows, N, cols, cmask, zeros, HAS_B: tl.constexpr):
+    """Rows row_lo + rows (those < n_rows) of A and of B (zeros when not HAS_B), through L2."""
+    m = (rows < n_rows)[:, None] & cmask[None, :]
+    offs = (row_lo + rows).to(tl.int64)[:, None] * N + cols[None, :]
+    a = tl.load(A + offs, mask=m, other=0.0, cache_modifier=".cg")
+    b = zeros
+    if HAS_B:
+        b = tl.load(B + offs, mask=m, other=0.0, cache_modifier=".cg")
+    return a, b
 
 
 @triton.jit
