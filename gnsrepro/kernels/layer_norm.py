@@ -371,7 +371,7 @@ def _layer_norm_bwd_kernel(
     DX2,  # (M, N) dx again in the residual input's dtype (HAS_DX2); a dummy pointer otherwise
     PART,  # (K, P, N) fp32: per program, Σ dy ⊙ x̂ (and Σ dy) over its rows (MODE 2: program b*C + c);
     #        with TAIL_REDUCE followed by (K, NGRP, N) fp32 for the groups' sums
-    SQ,  # (NUM_EX, K) fp32: per-example |dγ_b|², |dβ_b|² (MODE 2 only with TAIL_REDUCE)
+    SQ,  # (NUM_EX, K) fp32: per-example |dγ_b|², |dβ_b|² (MODE 0 and 1; MODE 2 with TAIL_REDUCE only)
     DW,  # (N,) dγ, weight dtype (TAIL_REDUCE only)
     DB,  # (N,) dβ, bias dtype (TAIL_REDUCE and HAS_BIAS only)
     CNT,  # (NGRP + 1,) int32, zero between launches: arrivals per group, then groups done (TAIL_REDUCE)
@@ -626,8 +626,6 @@ _BWD_CONFIG = {
     (4096, 4): _BwdConfig(2, 16, 2, False, 1), (8192, 4): _BwdConfig(1, 8, 2, False, 1),
 }
 _TAIL_MAX_BYTES = 256 << 10
-# None: the table above decides; True/False forces the tail reduction on or off (A/B benchmarks).
-TAIL_REDUCE: Optional[bool] = None
 _CPU_TARGET_PROGRAMS = 4  # the interpreter runs programs one after another: a handful is plenty
 # Launch the kernels with programmatic dependent launch where the GPU has it (sm90+).
 PDL = False
@@ -857,7 +855,7 @@ def layer_norm_backward(
         return dx, dw, db, torch.zeros(num_ex, 2 if has_bias else 1, dtype=torch.float32, device=dev), dx2
     cfg = _bwd_config(_next_pow2(N), x.element_size())
     if tail_reduce is None:
-        tail_reduce = cfg.tail if TAIL_REDUCE is None else TAIL_REDUCE
+        tail_reduce = cfg.tail
     target = target_programs or _target_programs(dev, cfg.per_sm)
     stages = cfg.stages if stages is None else stages
     if stages and any(t.data_ptr() % 4 for t in (x2, dy2, ds2) if t is not None):
