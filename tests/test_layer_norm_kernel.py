@@ -560,7 +560,7 @@ def test_benchmarks_try_every_configuration_on_a_stub_device(monkeypatch, tmp_pa
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(16, dtype=torch.uint8) if a == (256 << 20,)
                         else real_empty(*a, **k))
-    df = L.sweep_bwd(sizes=(34,), dtypes=("bf16",), steps=1, top=2)
+    df = L.sweep_bwd(sizes=(34,), dtypes=("bf16",), steps=1, top=2, jobs=2)  # compiled ahead in 2 processes
     assert len(calls) == len(df) and df.us.notna().all()
     assert {0, 2, 3, 4} <= set(df.stages) and set(df.tail_reduce) == {False, True}
     assert (df.phase == 2).sum() == 2 * 4 * 2  # top 2 × programs per SM 1-4 × reduce kernel / tail
@@ -575,6 +575,18 @@ def test_benchmarks_try_every_configuration_on_a_stub_device(monkeypatch, tmp_pa
     table = L.run(SimpleNamespace(device="auto", out=str(out), steps=1, warmup=1))
     assert len(table) == 4 and out.exists()
     assert table.rel_err_sq.max() < 1e-5 and table.bwd_block_m.notna().all()
+
+
+def test_precompile_reports_each_configuration_that_fails():
+    """The sweep's compile processes run each configuration once and hand back its error, in order."""
+    import gnsrepro.benchmarks.layernorm as L
+
+    case = ("cpu", "bf16", 40, 2, 6)
+    good = dict(block_m=2, num_warps=4, target_programs=3)
+    errors = L.precompile_bwd([(*case, good), (*case, dict(good, block_m=3)), (*case, good)], jobs=2)
+    assert errors[0] is None and errors[2] is None
+    assert errors[1] is not None and "power of 2" in errors[1]
+    assert L.precompile_bwd([(*case, good)], jobs=1) == [None]  # one process: nothing compiled ahead
 
 
 def test_every_kernel_variant_compiles_for_sm90():

@@ -24,6 +24,7 @@ tables in gnsrepro/kernels/layer_norm.py.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import statistics
 import time
@@ -123,14 +124,63 @@ def torch_per_example_layer_norm(x, weight, bias, eps, out: dict):
     return y
 
 
-def _cases(device, dtype, N, seed=0):
+def _cases(device, dtype, N, seed=0, batch=None, seq=None):
+    batch, seq = batch or BATCH, seq or SEQ
     g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(BATCH, SEQ, N, device=device, dtype=dtype, generator=g).requires_grad_()
+    x = torch.randn(batch, seq, N, device=device, dtype=dtype, generator=g).requires_grad_()
     w = (1 + 0.1 * torch.randn(N, device=device, generator=g)).to(dtype).requires_grad_()
     b = (0.1 * torch.randn(N, device=device, generator=g)).to(dtype).requires_grad_()
-    dy = torch.randn(BATCH, SEQ, N, device=device, dtype=dtype, generator=g)
-    sink = torch.zeros(BATCH, 2, device=device, dtype=torch.float32, requires_grad=True)
+    dy = torch.randn(batch, seq, N, device=device, dtype=dtype, generator=g)
+    sink = torch.zeros(batch, 2, device=device, dtype=torch.float32, requires_grad=True)
     return x, w, b, dy, sink
+
+
+@functools.lru_cache(maxsize=1)
+def _bwd_inputs(device: str, dname: str, N: int, batch: int, seq: int):
+    """(x, w, b, dy, stats) of one benchmark case, detached: what a backward configuration runs on."""
+    from gnsrepro.kernels import layer_norm as K
+
+    x, w, b, dy, _ = _cases(torch.device(device), DTYPES[dname], N, batch=batch, seq=seq)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    return x, w, b, dy, K.layer_norm_forward(x, w, b, EPS)[1]
+
+
+def _compile_bwd(task: tuple) -> Optional[str]:
+    """Run one backward configuration once, so that Triton compiles it into its on-disk cache.
+
+    task = (device, dtype name, N, batch, seq, launcher keyword arguments); returns None, or the error.
+    """
+    from gnsrepro.kernels import layer_norm as K
+
+    device, dname, N, batch, seq, cfg = task
+    x, w, b, dy, stats = _bwd_inputs(device, dname, N, batch, seq)
+    try:
+        K.layer_norm_backward(dy, x, w, b, stats, **cfg)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - reported to the caller, which skips the configuration
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
+def precompile_bwd(tasks: list[tuple], jobs: int) -> list[Optional[str]]:
+    """_compile_bwd over `tasks` in `jobs` processes: compiling dozens of variants one after another
+    takes minutes of a GPU machine's time, and the timing loop then loads them from Triton's cache.
+
+    jobs <= 1: nothing is compiled ahead (the timing loop compiles as it goes); returns no errors.
+    """
+    if jobs <= 1 or not tasks:
+        return [None] * len(tasks)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gnsrepro.benchmarks import layernorm as this  # importable by the workers under this name
+
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        errors = list(pool.map(this._compile_bwd, tasks))
+    print(f"compiled {len(tasks)} configurations in {time.perf_counter() - t0:.0f} s ({jobs} processes)", flush=True)
+    return errors
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -313,13 +363,41 @@ def _sweep_one(device, dname: str, N: int, steps: int, flush, nsm: int, per_sms,
     return here
 
 
-def sweep_bwd(sizes=(768, 1024), dtypes=("bf16", "fp32"), steps: int = 15, out: Optional[str] = None, top: int = 4):
+# how the backward keeps loads in flight: (depth, stages, maxnreg) — 1 or 2 tiles ahead in registers, or
+# the compiler's pipeline through shared memory in 2-4 stages, with or without a cap of 128 registers
+_BWD_LOADS = ((1, 0, 0), (2, 0, 0), (1, 2, 0), (1, 3, 0), (1, 4, 0), (1, 3, 128), (1, 4, 128))
+
+
+def _time_bwd(case: tuple, cfgs: list[dict], phase: int, nsm: int, steps: int, flush, jobs: int) -> list[dict]:
+    """One row per backward configuration of `case` (_bwd_inputs' arguments): its CUDA-graph time, NaN when
+    it fails to compile or run."""
+    from gnsrepro.kernels import layer_norm as K
+
+    _, dname, N, _, _ = case
+    x, w, b, dy, stats = _bwd_inputs(*case)
+    rows = []
+    for cfg, err in zip(cfgs, precompile_bwd([(*case, c) for c in cfgs], jobs)):
+        us = float("nan")
+        try:
+            if err:
+                raise RuntimeError(err)
+            us = graph_time_us(lambda cfg=cfg: K.layer_norm_backward(dy, x, w, b, stats, **cfg), steps, flush)
+        except Exception as e:  # noqa: BLE001 - a configuration that does not compile is skipped
+            print("fail", cfg, type(e).__name__, e, flush=True)
+        rows.append(dict(N=N, dtype=dname, phase=phase, per_sm=cfg["target_programs"] // nsm, **cfg, us=us))
+    return rows
+
+
+def sweep_bwd(
+    sizes=(768, 1024), dtypes=("bf16", "fp32"), steps: int = 15, out: Optional[str] = None, top: int = 4,
+    jobs: int = 1,
+):
     """Backward launcher device time (CUDA graph) over its whole configuration, in two phases per size.
 
     Phase 1, at 2 programs per SM with the reduce kernel: rows per tile × warps × how loads are kept in
-    flight (registers, 1 or 2 tiles ahead; or the compiler's pipeline through shared memory, 2-4 stages,
-    with or without a cap of 128 registers). Phase 2: the `top` fastest of phase 1 at 1-4 programs per SM,
-    with the reduce kernel and with the tail reduction. Prints the best of each phase.
+    flight (_BWD_LOADS). Phase 2: the `top` fastest of phase 1 at 1-4 programs per SM, with the reduce
+    kernel and with the tail reduction. Prints the best of each phase. jobs > 1 compiles each phase's
+    configurations in that many processes first (precompile_bwd).
     """
     from gnsrepro.kernels import layer_norm as K
 
@@ -327,49 +405,32 @@ def sweep_bwd(sizes=(768, 1024), dtypes=("bf16", "fp32"), steps: int = 15, out: 
     rows = []
     for dname in dtypes:
         for N in sizes:
-            x, w, b, dy, _ = _cases(device, DTYPES[dname], N)
-            x, w, b = x.detach(), w.detach(), b.detach()
-            _, stats, _ = K.layer_norm_forward(x, w, b, EPS)
             bn = K._next_pow2(N)
-
-            def time_cfg(cfg: dict, x=x, w=w, b=b, dy=dy, stats=stats) -> float:
-                def f():
-                    return K.layer_norm_backward(dy, x, w, b, stats, **cfg)
-
-                try:
-                    return graph_time_us(f, steps, flush)
-                except Exception as e:  # noqa: BLE001 - a configuration that does not compile is skipped
-                    print("fail", cfg, type(e).__name__, flush=True)
-                    return float("nan")
-
-            phase1 = []
-            for bm in (1, 2, 4, 8):
-                for nw in (1, 2, 4, 8, 16):
-                    if bm * bn > 8192 or not 4 <= bm * bn // (32 * nw) <= 32:
-                        continue
-                    for depth, stages, maxnreg in ((1, 0, 0), (2, 0, 0), (1, 2, 0), (1, 3, 0), (1, 4, 0),
-                                                  (1, 3, 128), (1, 4, 128)):
-                        cfg = dict(block_m=bm, num_warps=nw, depth=depth, stages=stages, maxnreg=maxnreg,
-                                   tail_reduce=False, target_programs=2 * nsm)
-                        phase1.append(dict(N=N, dtype=dname, phase=1, per_sm=2, **cfg, us=time_cfg(cfg)))
+            case = (str(device), dname, N, BATCH, SEQ)
+            cfgs = [
+                dict(block_m=bm, num_warps=nw, depth=depth, stages=stages, maxnreg=maxnreg, tail_reduce=False,
+                     target_programs=2 * nsm)
+                for bm in (1, 2, 4, 8) for nw in (1, 2, 4, 8, 16)
+                if bm * bn <= 8192 and 4 <= bm * bn // (32 * nw) <= 32
+                for depth, stages, maxnreg in _BWD_LOADS
+            ]
+            phase1 = _time_bwd(case, cfgs, 1, nsm, steps, flush, jobs)
             best = pd.DataFrame(phase1).nsmallest(top, "us")
-            rows += phase1
             print(f"phase 1 {dname} N={N}:", flush=True)
             print(best[["block_m", "num_warps", "depth", "stages", "maxnreg", "us"]].to_string(index=False), flush=True)
-            phase2 = []
-            for r in best.itertuples():
-                for per_sm in (1, 2, 3, 4):
-                    for tail in (False, True):
-                        cfg = dict(block_m=int(r.block_m), num_warps=int(r.num_warps), depth=int(r.depth),
-                                   stages=int(r.stages), maxnreg=int(r.maxnreg), tail_reduce=tail,
-                                   target_programs=per_sm * nsm)
-                        phase2.append(dict(N=N, dtype=dname, phase=2, per_sm=per_sm, **cfg, us=time_cfg(cfg)))
-            rows += phase2
+            cfgs = [
+                dict(block_m=int(r.block_m), num_warps=int(r.num_warps), depth=int(r.depth), stages=int(r.stages),
+                     maxnreg=int(r.maxnreg), tail_reduce=tail, target_programs=per_sm * nsm)
+                for r in best.itertuples() for per_sm in (1, 2, 3, 4) for tail in (False, True)
+            ]
+            phase2 = _time_bwd(case, cfgs, 2, nsm, steps, flush, jobs)
+            rows += phase1 + phase2
             cols = ["block_m", "num_warps", "depth", "stages", "maxnreg", "per_sm", "tail_reduce", "us"]
             print(f"phase 2 {dname} N={N}:", flush=True)
             print(pd.DataFrame(phase2).nsmallest(top, "us")[cols].to_string(index=False), flush=True)
             if out:
                 pd.DataFrame(rows).to_csv(out, index=False)
+    _bwd_inputs.cache_clear()
     return pd.DataFrame(rows)
 
 
@@ -529,11 +590,12 @@ if __name__ == "__main__":
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="hidden sizes, comma-separated")
+    p.add_argument("--jobs", type=int, default=1, help="--sweep-bwd: processes that compile the configurations first")
     args = p.parse_args()
     if args.diagnose:
         diagnose()
     elif args.sweep_bwd:
-        sweep_bwd(sizes=tuple(int(n) for n in args.sizes.split(",")), out=args.out)
+        sweep_bwd(sizes=tuple(int(n) for n in args.sizes.split(",")), out=args.out, jobs=args.jobs)
     elif args.variants:
         variants(sizes=tuple(int(n) for n in args.sizes.split(",")), out=args.out)
     elif args.sweep:
