@@ -121,7 +121,8 @@ class EMAGNS:
         return {"alpha": self.alpha, "state": dict(self._state)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.alpha = state["alpha"]
+        """Continue the saved averages; the α this object was built with applies from here on (a resumed
+        run may change gns.ema_alpha)."""
         self._state = {k: tuple(v) for k, v in state["state"].items()}
 
 

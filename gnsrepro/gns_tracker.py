@@ -7,7 +7,8 @@ gradient |G_Bbig|² (B_big = the global batch) and the mean squared norm of smal
 - per_example (B_small = 1): |g_b|² from the instrumented layers' sinks (gnsrepro.pegn), summed over
   every example of every micro-batch on every rank.
 - microbatch (B_small = micro-batch size): the gradient of each gradient-accumulation micro-batch, read
-  as the change of p.grad across its backward pass; needs two or more micro-batches per step.
+  as the change of p.grad across its backward pass; needs two or more micro-batches per step (a step
+  of one micro-batch, which a batch-size schedule may run, logs nothing for it).
 - ddp (B_small = the per-rank batch): each rank's local gradient before DDP's all-reduce, read in a DDP
   communication hook; needs two or more ranks.
 
@@ -42,17 +43,20 @@ class GNSTracker:
         self,
         model: nn.Module,
         collector=None,
-        micro_steps: int = 1,
+        max_micro_steps: int = 1,
         world_size: int = 1,
         per_layer: bool = False,
     ):
-        """model: the unwrapped model; collector: a gnsrepro.pegn.PerExampleNorms, or None."""
+        """model: the unwrapped model; collector: a gnsrepro.pegn.PerExampleNorms, or None;
+        max_micro_steps: the most micro-batches per rank that any step will run (begin_step gives each
+        step's own count)."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.collector = collector
         self.world_size = world_size
-        self.micro_steps = micro_steps
+        self.max_micro_steps = max_micro_steps
+        self.micro_steps = 1  # this step's micro-batches per rank, set by begin_step
         device = self.params[0].device
         P, G = len(self.params), len(PARAM_GROUPS)
         group_ids = [PARAM_GROUPS.index(group_of(n)) for n in self.names]
@@ -67,13 +71,13 @@ class GNSTracker:
             position = {n: i for i, n in enumerate(self.names)}
             self._pe_index = torch.tensor([position[n] for n in collector.names], device=device)
             self._pe_covered = set(collector.names)
-        if micro_steps > 1:
+        if max_micro_steps > 1:
             self.sources.append("microbatch")
         if world_size > 1:
             self.sources.append("ddp")
         self.rows = self._rows(group_ids)
         self._steps: list[torch.Tensor] = []
-        if micro_steps > 1:
+        if max_micro_steps > 1:
             self._prev = [torch.zeros_like(p) for p in self.params]
         self._micro_sq = torch.zeros(P, device=device)
         self._local_sq = torch.zeros(P, device=device)
@@ -97,7 +101,12 @@ class GNSTracker:
         return rows
 
     # ---- during the step -------------------------------------------------------------------------
-    def begin_step(self) -> None:
+    def begin_step(self, micro_steps: int = 1) -> None:
+        """Start a step of `micro_steps` micro-batches per rank (before its first forward)."""
+        if not 1 <= micro_steps <= self.max_micro_steps:
+            raise ValueError(f"a step of {micro_steps} micro-batches; the tracker was built for 1 to "
+                             f"{self.max_micro_steps}")
+        self.micro_steps = micro_steps
         self._micro_sq.zero_()
         self._local_sq.zero_()
         if self.micro_steps > 1:
@@ -140,7 +149,10 @@ class GNSTracker:
         return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
     def end_step(self, batch_size: int, micro_batch_size: int, grad_sq: torch.Tensor) -> None:
-        """Close the step: grad_sq (P,) holds |p.grad|² of the all-reduced, unclipped gradient."""
+        """Close the step: grad_sq (P,) holds |p.grad|² of the all-reduced, unclipped gradient.
+
+        A source with no small batches this step (microbatch on a step of one micro-batch) gets NaN.
+        """
         # Each source's sum over its small batches; divided into means below. Python-scalar arithmetic
         # only: a torch.tensor(list, device=...) here would copy from pageable host memory every step,
         # which makes the host wait for the backward to finish before it queues the optimizer.
@@ -148,11 +160,14 @@ class GNSTracker:
         if "per_example" in self.sources:
             n_local = batch_size // self.world_size  # the loss is a mean over this rank's examples
             per_param = torch.zeros_like(grad_sq)
-            per_param[self._pe_index] = self.collector.stacked(n_local).sum(dim=1)
+            per_param[self._pe_index] = self.collector.stacked(n_local).sum(dim=1).to(per_param.dtype)
             small.append(per_param)  # summed over examples; all-reduced and divided by B below
             divisors.append(batch_size)
         if "microbatch" in self.sources:
-            small.append(self._micro_sq * self.micro_steps**2)  # micro-batch k's mean gradient is m·Δ_k
+            if self.micro_steps > 1:
+                small.append(self._micro_sq * self.micro_steps**2)  # micro-batch k's mean gradient is m·Δ_k
+            else:
+                small.append(torch.full_like(grad_sq, float("nan")))
             divisors.append(self.micro_steps * self.world_size)
         if "ddp" in self.sources:
             small.append(self._local_sq.clone())

@@ -81,6 +81,9 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
     need(g.method in LINEAR_METHODS, f"gns.method={g.method!r} is not known; accepted: {', '.join(LINEAR_METHODS)}")
     need(g.ln_backend in LN_BACKENDS,
          f"gns.ln_backend={g.ln_backend!r} is not known; accepted: {', '.join(LN_BACKENDS)}")
+    need(g.mode == "off" or s.batch_size >= 2,
+         f"gns={g.mode} needs schedule.batch_size >= 2 (got {s.batch_size}): the GNS compares the gradients of "
+         "smaller batches within each step's batch")
     need(0 <= g.ema_alpha < 1, f"gns.ema_alpha={g.ema_alpha} must be in [0, 1)")
     need(cfg.dtype in ("auto", *DTYPES), f"dtype={cfg.dtype!r} is not known; accepted: auto, {', '.join(DTYPES)}")
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
@@ -300,9 +303,8 @@ def train(cfg: TrainConfig | DictConfig) -> Path:
 
     tracker = None
     if cfg.gns.mode != "off":
-        accum = cfg.schedule.batch_size // (micro * d.world_size)
-        tracker = GNSTracker(raw_model, collector, micro_steps=accum, world_size=d.world_size,
-                             per_layer=cfg.gns.per_layer)
+        tracker = GNSTracker(raw_model, collector, max_micro_steps=schedule.max_batch_size() // (micro * d.world_size),
+                             world_size=d.world_size, per_layer=cfg.gns.per_layer)
         if ddp is not None:
             ddp.register_comm_hook(None, tracker.ddp_comm_hook)
         if collector is not None:
@@ -373,6 +375,8 @@ def train(cfg: TrainConfig | DictConfig) -> Path:
                     for row in tracker.rows:
                         s = tracker.sources.index(row.source)
                         small, big = gns_values[i, s, 0, row.column].item(), gns_values[i, s, 1, row.column].item()
+                        if math.isnan(small):  # no small batches from this source on this step
+                            continue
                         b_small = tracker.b_small(row.source, r["batch_size"], micro)
                         rows.append({"step": r["step"], "tokens": r["tokens"], "group": row.group,
                                      "source": row.source, "b_big": r["batch_size"], "b_small": b_small,
@@ -417,7 +421,7 @@ def train(cfg: TrainConfig | DictConfig) -> Path:
         offsets = batch_offsets(len(train_tokens), seq_len, batch_size, cfg.seed, step)
         local = offsets[d.rank * micro * accum:(d.rank + 1) * micro * accum]
         if tracker is not None:
-            tracker.begin_step()
+            tracker.begin_step(accum)
         loss_sum = torch.zeros((), device=device)
         for k in range(accum):
             x, y = read_batch(train_tokens, local[k * micro:(k + 1) * micro], seq_len, device)

@@ -101,10 +101,12 @@ def test_typo_fails_at_compose():
         ("data.name=imagenet", "data='imagenet' is not known; accepted: pycode, openwebtext, textdir"),
         ("gns.mode=some", "gns='some' is not known; accepted: off, ln, all"),
         ("data=textdir", "data=textdir needs data.path=DIR"),
+        ("gns=ln schedule.batch_size=1 schedule.micro_batch_size=1", "gns=ln needs schedule.batch_size >= 2"),
     ],
 )
 def test_bad_setting_is_rejected_before_any_work(override, message, tmp_path):
-    cfg = make_cfg("max_steps=5", f"data.data_dir={tmp_path / 'nodata'}", f"out_dir={tmp_path / 'run'}", override)
+    paths = f"data.data_dir={tmp_path / 'nodata'}", f"out_dir={tmp_path / 'run'}"
+    cfg = make_cfg("max_steps=5", *paths, *override.split())
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         train(cfg)
     assert not (tmp_path / "nodata").exists() and not (tmp_path / "run").exists()
