@@ -121,8 +121,8 @@ def model_forward_backward(config: GPTConfig, seq_len: int, batch_size: int, byt
     FLOPs: GPT.flops_per_token (6·N_matmul + 12·n_layer·d·T per token, PaLM appendix B) times tokens.
     Bytes, an approximation that counts the large tensors only: every Linear reads x and writes y in
     the forward, reads dy and W and writes dx in the backward, and reads x and dy and writes dW for
-    the weight gradient, i.e. 3·B·T·(K + L) activations and 4·K·L weight elements (W read three times,
-    dW written once); every LayerNorm moves 2·B·T·d forward and 3·B·T·d backward (PAPER, "The
+    the weight gradient, i.e. 3·B·T·(K + L) activations and 3·K·L weight elements (W read twice, dW
+    written once); every LayerNorm moves 2·B·T·d forward and 3·B·T·d backward (PAPER, "The
     LayerNorm kernel"); flash attention reads q, k, v and writes o (4·B·T·d) forward and reads q, k,
     v, o, do and writes dq, dk, dv (8·B·T·d) backward; GELU moves 2·B·T·4d forward and 3·B·T·4d
     backward. Residual adds, dropout, the loss and the optimizer are left out.
@@ -132,7 +132,7 @@ def model_forward_backward(config: GPTConfig, seq_len: int, batch_size: int, byt
     tokens = batch_size * seq_len
     flops = gpt.flops_per_token(seq_len) * tokens
     d, n_layer = config.n_embd, config.n_layer
-    elements = sum(3 * tokens * (K + L) + 4 * K * L for _, K, L in linear_shapes(config))
+    elements = sum(3 * tokens * (K + L) + 3 * K * L for _, K, L in linear_shapes(config))
     elements += (2 * n_layer + 1) * 5 * tokens * d  # LayerNorms: ln_1, ln_2 per block and ln_f
     elements += n_layer * (12 * tokens * d + 5 * tokens * 4 * d)  # attention core and GELU
     return Cost(flops, elements * bytes_per_element)

@@ -8,7 +8,8 @@ memory stays bounded however large the corpus is.
 Validation split: a document goes to val iff the first 8 bytes of blake2b(its UTF-8 bytes), read as a
 fraction of 2**64, are below `val_fraction`. Depending only on the content, the split is the same whatever
 the corpus order, a byte budget or added files, and duplicated documents never straddle train and val. If no
-document hashes into val, the last document goes there, so val is never empty.
+document hashes into val, the last document goes there, so val is never empty (only this fallback can put a
+copy of a training document in val).
 
 Atomicity: files are written to a staging directory and renamed into place, meta.json last; meta.json is
 the marker of a complete data set, and `verify` checks the files against the sizes and hashes it records.
