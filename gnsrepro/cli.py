@@ -53,9 +53,18 @@ def _prepare(cfg) -> None:
 
 
 def _train(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from gnsrepro.train import train
 
-    train(cfg)
+    hydra_cfg = HydraConfig.get()
+    given = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
+    if hydra_cfg.mode == RunMode.MULTIRUN and "out_dir" not in given:
+        # the default out_dir is named by the start time, which Hydra resolves once for the whole
+        # sweep: each job gets its own directory of the sweep instead (outputs/multirun/<time>/<job>)
+        cfg.out_dir = hydra_cfg.runtime.output_dir
+    train(cfg, overrides=list(hydra_cfg.overrides.task))
 
 
 def _bench(cfg) -> None:

@@ -10,15 +10,20 @@ class ConfigError(ValueError):
     """A setting has a value it cannot take; the message names the setting and what it accepts."""
 
 
+class DivergedError(FloatingPointError):
+    """Training stopped on a non-finite loss; the message says which step and what was kept."""
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from gnsrepro.data.prepare import DataError
     from gnsrepro.data.tokenizer import TokenizerUnavailable
 
-    return ConfigError, DataError, TokenizerUnavailable
+    return ConfigError, DivergedError, DataError, TokenizerUnavailable
 
 
 def exit_on_user_error(command: str):
-    """Decorator for a CLI task: a user error prints `gnsrepro <command>: error: <message>` and exits 2."""
+    """Decorator for a CLI task: a user error prints `gnsrepro <command>: error: <message>` and exits 2;
+    Ctrl-C exits 130 without a traceback."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -28,6 +33,9 @@ def exit_on_user_error(command: str):
             except _user_error_types() as e:
                 print(f"gnsrepro {command}: error: {e}", file=sys.stderr)
                 sys.exit(2)
+            except KeyboardInterrupt:
+                print(f"gnsrepro {command}: interrupted", file=sys.stderr)
+                sys.exit(130)
 
         return inner
 

@@ -25,10 +25,13 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from gnsrepro.config import GNSConfig, ModelConfig, TrainConfig
-from gnsrepro.errors import ConfigError
+from gnsrepro.data.tokenizer import EOT
+from gnsrepro.errors import ConfigError, DivergedError
 from gnsrepro.logs import ParquetLog
 from gnsrepro.model import GPT, GPTConfig, Layers
 from gnsrepro.schedule import SCHEDULES, build_schedule
+
+VOCAB = EOT + 1  # token ids of every prepared data set (GPT-2 BPE) are below this
 
 DATA_NAMES = ("pycode", "openwebtext", "textdir")
 GNS_MODES = ("off", "ln", "all")
@@ -56,6 +59,8 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         need(m[key] > 0, f"model.{key}={m[key]} must be a positive integer")
     need(m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
+    need(m.vocab_size >= VOCAB, f"model.vocab_size={m.vocab_size} must be >= {VOCAB} (the GPT-2 tokens of the data)")
+    need(0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)")
     need(all(0 <= b < m.n_layer for b in m.cosine_attn_blocks),
          f"model.cosine_attn_blocks={list(m.cosine_attn_blocks)} must name blocks in [0, {m.n_layer})")
     seq_len = cfg.seq_len if cfg.seq_len is not None else m.block_size
@@ -66,6 +71,13 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
     need(o.warmup_tokens >= 0, f"optim.warmup_tokens={o.warmup_tokens} must be >= 0")
+    need(o.decay_tokens is None or o.decay_tokens > o.warmup_tokens,
+         f"optim.decay_tokens={o.decay_tokens} must be > optim.warmup_tokens={o.warmup_tokens} (or null: end of run)")
+    need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    for key in ("beta1", "beta2"):
+        need(0 <= o[key] < 1, f"optim.{key}={o[key]} must be in [0, 1)")
+    need(o.eps > 0, f"optim.eps={o.eps} must be > 0")
+    need(cfg.seed >= 0, f"seed={cfg.seed} must be >= 0")
     need(cfg.max_steps is not None or cfg.max_tokens is not None,
          "set max_steps=N or max_tokens=N (a positive integer)")
     need(cfg.max_steps is None or cfg.max_steps > 0, f"max_steps={cfg.max_steps} must be a positive integer")
@@ -85,6 +97,11 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
          f"gns={g.mode} needs schedule.batch_size >= 2 (got {s.batch_size}): the GNS compares the gradients of "
          "smaller batches within each step's batch")
     need(0 <= g.ema_alpha < 1, f"gns.ema_alpha={g.ema_alpha} must be in [0, 1)")
+    need(g.chunk_size >= 0, f"gns.chunk_size={g.chunk_size} must be >= 0 (0: automatic)")
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    need(g.mode == "off" or g.ln_backend != "triton" or not on_cpu or os.environ.get("TRITON_INTERPRET") == "1",
+         "gns.ln_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow CPU interpreter); "
+         "use gns.ln_backend=auto or torch on a CPU")
     need(cfg.dtype in ("auto", *DTYPES), f"dtype={cfg.dtype!r} is not known; accepted: auto, {', '.join(DTYPES)}")
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
          f"device={cfg.device!r} is not known; accepted: auto, cpu, cuda, cuda:N")
@@ -94,6 +111,58 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
         need(cfg[key] > 0, f"{key}={cfg[key]} must be a positive integer")
     for key in ("eval_interval", "checkpoint_interval"):
         need(cfg[key] >= 0, f"{key}={cfg[key]} must be >= 0 (0 disables)")
+
+
+# Settings a resumed run may change: how long it runs, how often it logs, where and how it executes.
+# Every other setting shapes the run's trajectory and comes from the run's own config.yaml.
+RESUMABLE = ("max_steps", "max_tokens", "eval_interval", "log_interval", "checkpoint_interval", "compile", "device",
+             "prepare_missing", "resume", "out_dir", "run_name", "data.data_dir", "data.num_proc", "gns.ema_alpha")
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_settings(cfg: DictConfig, saved: DictConfig, given: list[str] | None, out: Path) -> DictConfig:
+    """The settings of a resumed run: the run's saved ones, with what the command line changed on top.
+
+    given: the command line's overrides (None: every setting counts as given). A given setting in
+    RESUMABLE takes its new value; any other given setting must equal the run's, else ConfigError (a
+    different model, data set, batch size or learning rate would not continue the same run).
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    except Exception as e:  # noqa: BLE001 - an omegaconf error naming the unknown key or bad value
+        raise ConfigError(f"{out / 'config.yaml'} does not fit this version's settings: {e}") from None
+    now = _leaves(OmegaConf.to_container(cfg, resolve=True))
+    then = _leaves(OmegaConf.to_container(merged, resolve=True))
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in given} if given is not None else set()
+    # a group override without a key of its own (experiment=111M, scale=tiny) may set any setting
+    every = given is None or any(k not in now and not any(n.startswith(k + ".") for n in now) for k in keys)
+
+    def is_given(key: str) -> bool:  # the key itself, or a parent of it (model=111M sets model.*)
+        return every or any(key == k or key.startswith(k + ".") for k in keys)
+
+    differ = []
+    for key in sorted(now):
+        if key in then and now[key] == then[key] or not is_given(key):
+            continue
+        if key in RESUMABLE:
+            OmegaConf.update(merged, key, now[key], merge=False)
+        else:
+            differ.append(f"{key}={now[key]} (the run's: {then.get(key)})")
+    if differ:
+        raise ConfigError(f"resume=true continues the run in {out} with its settings ({out / 'config.yaml'}), but "
+                          f"{', '.join(differ[:4])}{' and more' if len(differ) > 4 else ''}; drop "
+                          f"{'them' if len(differ) > 1 else 'it'} to continue the run, or start a new run in another "
+                          "out_dir. A resumed run may change " + ", ".join(RESUMABLE[:6]) + " and the like")
+    return merged
 
 
 # ---- building blocks (shared with the benchmarks) ---------------------------------------------------
@@ -231,19 +300,28 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig | DictConfig) -> Path:
-    """Train as configured; returns the run directory. Raises ConfigError/DataError before any work."""
+def train(cfg: TrainConfig | DictConfig, overrides: list[str] | None = None) -> Path:
+    """Train as configured; returns the run directory. Raises ConfigError/DataError before any work.
+
+    overrides: the command line's settings. With resume=true and a checkpoint in out_dir, the run's
+    saved settings apply, and the command line may change only those in RESUMABLE (resume_settings).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    out = Path(cfg.out_dir if cfg.out_dir else f"outputs/{cfg.run_name}")
+    ckpt_path = out / "ckpt.pt"
+    resuming = cfg.resume and ckpt_path.exists()
+    if resuming and (out / "config.yaml").exists():
+        cfg = resume_settings(cfg, OmegaConf.load(out / "config.yaml"), overrides, out)
     validate(cfg, world)
     from gnsrepro.data.dataset import batch_offsets, open_split, read_batch
     from gnsrepro.data.prepare import ensure_prepared
 
     d, device = setup_distributed(cfg.device)
-    out = Path(cfg.out_dir if cfg.out_dir else f"outputs/{cfg.run_name}")
-    ckpt_path = out / "ckpt.pt"
     if d.main and not cfg.resume and ckpt_path.exists():
         raise ConfigError(f"out_dir={out} already holds a run; pass resume=true to continue it "
                           "or choose another out_dir")
+    if d.main and cfg.resume and not resuming:
+        print(f"resume=true: no checkpoint in {out} yet, starting the run from step 0", flush=True)
 
     # data: rank 0 prepares what is missing, the others wait for it
     if d.main:
@@ -278,6 +356,8 @@ def train(cfg: TrainConfig | DictConfig) -> Path:
         optimizer.load_state_dict(ckpt["optimizer"])
         step, tokens, ema_state = ckpt["step"], ckpt["tokens"], ckpt.get("ema")
         torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         if d.main:
             print(f"resuming {out} from step {step} ({_fmt_count(tokens)} tokens)", flush=True)
 
@@ -319,7 +399,8 @@ def train(cfg: TrainConfig | DictConfig) -> Path:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (out / "meta.json").write_text(json.dumps(run_metadata(device, d.world_size), indent=2))
+        meta = "meta.json" if step == 0 else f"meta-resumed-at-{step}.json"  # the first start's is kept
+        (out / meta).write_text(json.dumps(run_metadata(device, d.world_size), indent=2))
         resume_step = step if cfg.resume else None
         metrics_log = ParquetLog(out / "metrics.parquet", resume_step=resume_step if resume_step else -1)
         gns_log = ParquetLog(out / "gns.parquet", resume_step=resume_step if resume_step else -1)
@@ -346,6 +427,7 @@ def train(cfg: TrainConfig | DictConfig) -> Path:
         if d.main:
             _atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                           "tokens": tokens, "ema": ema.state_dict(), "rng_cpu": torch.get_rng_state(),
+                          "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                           "config": OmegaConf.to_container(cfg, resolve=True)}, ckpt_path)
             metrics_log.flush()
             gns_log.flush()
@@ -354,20 +436,27 @@ def train(cfg: TrainConfig | DictConfig) -> Path:
     t_last = time.perf_counter()
     t_start, tokens_start = t_last, tokens
 
+    flushing = False  # inside flush_logs (an interrupt there must not log the rows twice)
+
     def flush_logs(val_loss: float | None = None) -> None:
-        """Fetch the interval's losses and GNS components (one transfer each), log, print one line."""
-        nonlocal pending
+        """Fetch the interval's losses and GNS components (one transfer each), log, print one line.
+
+        A non-finite loss logs the steps before it, then stops the run with DivergedError.
+        """
+        nonlocal pending, flushing
         if not pending:
             return
+        flushing = True
         losses = torch.stack([r["loss"] for r in pending]).float().cpu().tolist()
-        if not all(math.isfinite(v) for v in losses):
-            bad = next(r["step"] for r, v in zip(pending, losses) if not math.isfinite(v))
-            raise FloatingPointError(f"loss is not finite at step {bad}; stopping. The last good checkpoint "
-                                     f"{ckpt_path} is kept: lower optim.lr or check the data, then resume=true")
+        gns_values = tracker.drain() if tracker is not None else None
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            bad_step = pending[bad]["step"]
+            pending, losses = pending[:bad], losses[:bad]
+            gns_values = gns_values[:bad] if gns_values is not None else None
         for r, v in zip(pending, losses):
             r["loss"] = v
-        gns_values = tracker.drain() if tracker is not None else None
-        if d.main:
+        if d.main and pending:
             metrics_log.append(pending)
             if gns_values is not None:
                 rows = []
@@ -407,62 +496,77 @@ def train(cfg: TrainConfig | DictConfig) -> Path:
                 line += f" | eta {_fmt_time(elapsed / done * (1 - done))}"
             print(line, flush=True)
         pending = []
+        flushing = False
+        if bad is not None:
+            kept = (f"the last checkpoint, {ckpt_path}, is kept: resume=true continues from it" if ckpt_path.exists()
+                    else "no checkpoint was written yet")
+            raise DivergedError(f"the loss is not finite at step {bad_step}; stopping ({kept}). Lower optim.lr, "
+                                "raise optim.warmup_tokens or check the data")
 
     model.train()
-    while step < max_steps and tokens < max_tokens:
-        batch_size = schedule.batch_size(step, tokens)
-        if batch_size % (micro * d.world_size):
-            raise ConfigError(f"the batch schedule asked for {batch_size} sequences at step {step}, not a multiple of "
-                              f"schedule.micro_batch_size x world size = {micro * d.world_size}")
-        accum = batch_size // (micro * d.world_size)
-        lr = lr_at(tokens, cfg.optim, total_tokens)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        offsets = batch_offsets(len(train_tokens), seq_len, batch_size, cfg.seed, step)
-        local = offsets[d.rank * micro * accum:(d.rank + 1) * micro * accum]
-        if tracker is not None:
-            tracker.begin_step(accum)
-        loss_sum = torch.zeros((), device=device)
-        for k in range(accum):
-            x, y = read_batch(train_tokens, local[k * micro:(k + 1) * micro], seq_len, device)
-            sync = ddp is None or k == accum - 1  # DDP all-reduces on the last micro-batch only
-            with nullcontext() if sync else ddp.no_sync():
-                with autocast:
-                    _, loss = model(x, y)
-                if tracker is not None:
-                    tracker.before_backward(k)
-                (loss / accum).backward()
+    try:
+        while step < max_steps and tokens < max_tokens:
+            batch_size = schedule.batch_size(step, tokens)
+            if batch_size % (micro * d.world_size):
+                raise ConfigError(f"the batch schedule asked for {batch_size} sequences at step {step}, not a "
+                                  f"multiple of schedule.micro_batch_size x world size = {micro * d.world_size}")
+            accum = batch_size // (micro * d.world_size)
+            lr = lr_at(tokens, cfg.optim, total_tokens)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            offsets = batch_offsets(len(train_tokens), seq_len, batch_size, cfg.seed, step)
+            local = offsets[d.rank * micro * accum:(d.rank + 1) * micro * accum]
             if tracker is not None:
-                tracker.after_backward(k)
-            loss_sum += loss.detach()
-        sq = grad_sqnorms(params)
-        clip_by_total_norm(params, sq, cfg.optim.grad_clip)
-        if tracker is not None:
-            tracker.end_step(batch_size, micro, sq)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_step = loss_sum / accum
-        if d.world_size > 1:
-            dist.all_reduce(loss_step)
-            loss_step /= d.world_size
-        step += 1
-        tokens += batch_size * seq_len
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        tok_s = batch_size * seq_len / dt
-        pending.append({"step": step, "tokens": tokens, "batch_size": batch_size, "lr": lr, "loss": loss_step,
-                        "val_loss": None, "step_time_s": dt, "tokens_per_s": tok_s,
-                        "mfu": flops_per_token * tok_s / (peak * d.world_size) if peak else float("nan")})
-        last_step = step >= max_steps or tokens >= max_tokens
-        val_loss = None
-        if (cfg.eval_interval and step % cfg.eval_interval == 0) or last_step:
-            val_loss = evaluate()
-            pending[-1]["val_loss"] = val_loss
-        if step % cfg.log_interval == 0 or val_loss is not None or last_step:
-            flush_logs(val_loss)
-        if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or last_step:
-            flush_logs()
-            save_checkpoint()
+                tracker.begin_step(accum)
+            loss_sum = torch.zeros((), device=device)
+            for k in range(accum):
+                x, y = read_batch(train_tokens, local[k * micro:(k + 1) * micro], seq_len, device)
+                sync = ddp is None or k == accum - 1  # DDP all-reduces on the last micro-batch only
+                with nullcontext() if sync else ddp.no_sync():
+                    with autocast:
+                        _, loss = model(x, y)
+                    if tracker is not None:
+                        tracker.before_backward(k)
+                    (loss / accum).backward()
+                if tracker is not None:
+                    tracker.after_backward(k)
+                loss_sum += loss.detach()
+            sq = grad_sqnorms(params)
+            clip_by_total_norm(params, sq, cfg.optim.grad_clip)
+            if tracker is not None:
+                tracker.end_step(batch_size, micro, sq)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_step = loss_sum / accum
+            if d.world_size > 1:
+                dist.all_reduce(loss_step)
+                loss_step /= d.world_size
+            step += 1
+            tokens += batch_size * seq_len
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            tok_s = batch_size * seq_len / dt
+            pending.append({"step": step, "tokens": tokens, "batch_size": batch_size, "lr": lr, "loss": loss_step,
+                            "val_loss": None, "step_time_s": dt, "tokens_per_s": tok_s,
+                            "mfu": flops_per_token * tok_s / (peak * d.world_size) if peak else float("nan")})
+            last_step = step >= max_steps or tokens >= max_tokens
+            val_loss = None
+            if (cfg.eval_interval and step % cfg.eval_interval == 0) or last_step:
+                val_loss = evaluate()
+                pending[-1]["val_loss"] = val_loss
+            if step % cfg.log_interval == 0 or val_loss is not None or last_step:
+                flush_logs(val_loss)
+            if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or last_step:
+                flush_logs()
+                save_checkpoint()
+            t_last = time.perf_counter()  # the next step's time leaves out evaluation, logging and checkpoints
+    except KeyboardInterrupt:
+        if not flushing:
+            flush_logs()  # every finished step (a resumed run logs the steps after its checkpoint again)
+        if d.main:
+            print(f"interrupted after step {step}; logs hold every finished step, and resume=true continues "
+                  "from the last checkpoint", flush=True)
+        raise
     if d.main:
         print(f"done: {step} steps, {_fmt_count(tokens)} tokens; logs in {out}", flush=True)
     if d.world_size > 1:

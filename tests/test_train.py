@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from gnsrepro.cli import conf_dir
 from gnsrepro.config import register_configs
-from gnsrepro.errors import ConfigError
+from gnsrepro.errors import ConfigError, DivergedError
 from gnsrepro.logs import ParquetLog
 from gnsrepro.model import GPT
 from gnsrepro.train import gpt_config, lr_at, train
@@ -102,14 +103,42 @@ def test_typo_fails_at_compose():
         ("gns.mode=some", "gns='some' is not known; accepted: off, ln, all"),
         ("data=textdir", "data=textdir needs data.path=DIR"),
         ("gns=ln schedule.batch_size=1 schedule.micro_batch_size=1", "gns=ln needs schedule.batch_size >= 2"),
+        ("model.dropout=1.5", "model.dropout=1.5 must be in [0, 1)"),
+        ("model.vocab_size=100", "model.vocab_size=100 must be >= 50257"),
+        ("optim.beta2=1.0", "optim.beta2=1.0 must be in [0, 1)"),
+        ("optim.eps=-1", "optim.eps=-1.0 must be > 0"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
+        ("optim.warmup_tokens=100 optim.decay_tokens=50", "optim.decay_tokens=50 must be > optim.warmup_tokens=100"),
+        ("seed=-1", "seed=-1 must be >= 0"),
+        ("gns.chunk_size=-1", "gns.chunk_size=-1 must be >= 0"),
     ],
 )
 def test_bad_setting_is_rejected_before_any_work(override, message, tmp_path):
     paths = f"data.data_dir={tmp_path / 'nodata'}", f"out_dir={tmp_path / 'run'}"
     cfg = make_cfg("max_steps=5", *paths, *override.split())
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         train(cfg)
     assert not (tmp_path / "nodata").exists() and not (tmp_path / "run").exists()
+
+
+def test_multirun_gives_each_job_its_own_run(data_dir, tmp_path):
+    args = [a for a in tiny(data_dir, tmp_path, "max_steps=2", "eval_interval=0")
+            if not a.startswith(("out_dir=", "optim.lr="))]
+    r = run_cli(["train", "-m", "optim.lr=1e-3,3e-3", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for job, lr in enumerate((1e-3, 3e-3)):
+        run = tmp_path / "sweep" / str(job)
+        assert pd.read_parquet(run / "metrics.parquet")["step"].tolist() == [1, 2]
+        assert f"lr: {lr}" in (run / "config.yaml").read_text()
+
+
+def test_triton_backend_on_a_cpu_is_rejected_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = make_cfg("max_steps=5", f"data.data_dir={tmp_path / 'nodata'}", "device=cpu", "gns=ln",
+                   "gns.ln_backend=triton")
+    with pytest.raises(ConfigError, match="gns.ln_backend=triton needs a CUDA GPU"):
+        train(cfg)
+    assert not (tmp_path / "nodata").exists()
 
 
 def test_cli_error_is_one_line(tmp_path):
@@ -238,11 +267,50 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(FloatingPointError, match="not finite at step 6"):
+    with pytest.raises(DivergedError, match="not finite at step 6; stopping .the last checkpoint"):
         train(cfg)
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    # step 5, after the checkpoint and before the bad step, is logged (in the interval 5-6 it stops in)
+    assert pd.read_parquet(out / "metrics.parquet")["step"].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_interrupt_logs_every_finished_step_then_resume_continues(data_dir, tmp_path, monkeypatch):
+    """Ctrl-C mid-run: the finished steps not yet flushed are logged; resume=true with the run's directory
+    alone takes the run's settings from its config.yaml and ends where the uninterrupted run ends."""
+    import gnsrepro.train as T
+
+    args = ["max_steps=9", "checkpoint_interval=3", "log_interval=4", "gns=all", "eval_interval=0"]
+    ref = train(make_cfg(*tiny(data_dir, tmp_path / "ref", *args)))
+    out = tmp_path / "run"
+    real_lr_at = T.lr_at
+
+    def interrupt_at_step_8(tokens, o, total):
+        if tokens >= 7 * 8 * 32:  # the 8th step's learning rate
+            raise KeyboardInterrupt
+        return real_lr_at(tokens, o, total)
+
+    monkeypatch.setattr(T, "lr_at", interrupt_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(*tiny(data_dir, out, *args)))
+    monkeypatch.setattr(T, "lr_at", real_lr_at)
+    assert pd.read_parquet(out / "metrics.parquet")["step"].max() == 7  # log_interval 4: step 7 was pending
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 6
+
+    given = [f"out_dir={out}", "resume=true"]
+    train(make_cfg(*given), overrides=given)
+    (m_ref, g_ref), (m, g) = _read(ref), _read(out)
+    assert m["step"].tolist() == list(range(1, 10))
+    pd.testing.assert_series_equal(m["loss"], m_ref["loss"], rtol=1e-6)
+    pd.testing.assert_frame_equal(g.reset_index(drop=True), g_ref.reset_index(drop=True), rtol=1e-5)
+    assert (out / "meta.json").exists() and (out / "meta-resumed-at-6.json").exists()
+
+    # a setting that changes the run is refused, one that only extends it is taken
+    with pytest.raises(ConfigError, match=r"optim.lr=0.01 \(the run's: 0.003\); drop it to continue the run"):
+        train(make_cfg(*given, "optim.lr=1e-2"), overrides=[*given, "optim.lr=1e-2"])
+    train(make_cfg(*given, "max_steps=11"), overrides=[*given, "max_steps=11"])
+    assert pd.read_parquet(out / "metrics.parquet")["step"].max() == 11
 
 
 @pytest.mark.slow
