@@ -480,10 +480,13 @@ def train(cfg: TrainConfig | DictConfig, overrides: list[str] | None = None) -> 
             metrics_log.flush()
             gns_log.flush()
             last = pending[-1]
+            # throughput over the interval: on a GPU one step's host time is not its device time (the
+            # host runs ahead, then waits at the flush), but an interval's sum is
+            tok_s = sum(r["tokens_per_s"] * r["step_time_s"] for r in pending) / sum(r["step_time_s"] for r in pending)
             line = (f"step {last['step']:>6} | tokens {_fmt_count(last['tokens']):>7} | loss {last['loss']:.4f} | "
-                    f"lr {last['lr']:.2e} | bs {last['batch_size']} | {_fmt_count(last['tokens_per_s'])} tok/s")
-            if last["mfu"] is not None and math.isfinite(last["mfu"]):
-                line += f" | mfu {100 * last['mfu']:.1f}%"
+                    f"lr {last['lr']:.2e} | bs {last['batch_size']} | {_fmt_count(tok_s)} tok/s")
+            if peak:
+                line += f" | mfu {100 * flops_per_token * tok_s / (peak * d.world_size):.1f}%"
             if val_loss is not None:
                 line += f" | val {val_loss:.4f}"
             if tracker is not None:
