@@ -6,6 +6,7 @@ example's gradient of the same model independently and forms each source's small
 (one example, one micro-batch, one rank's batch) and the big-batch gradient from them.
 """
 
+import gc
 import os
 import tempfile
 from contextlib import nullcontext
@@ -151,6 +152,11 @@ def _ddp_worker(rank: int, init_file: str, queue) -> None:
             run_step(model, tracker, list(model.parameters()), idx[mine], tgt[mine], MICRO, ddp=ddp)
         if rank == 0:
             queue.put((tracker.drain().tolist(), tracker.rows, tracker.sources))
+        # DDP's reducer must go before its process group: destroyed after it, it aborts the process at
+        # exit now and then ("terminate called without an active exception")
+        dist.barrier()
+        del ddp, tracker
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
