@@ -113,10 +113,15 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
         need(cfg[key] >= 0, f"{key}={cfg[key]} must be >= 0 (0 disables)")
 
 
-# Settings a resumed run may change: how long it runs, how often it logs, where and how it executes.
-# Every other setting shapes the run's trajectory and comes from the run's own config.yaml.
-RESUMABLE = ("max_steps", "max_tokens", "eval_interval", "log_interval", "checkpoint_interval", "compile", "device",
-             "prepare_missing", "resume", "out_dir", "run_name", "data.data_dir", "data.num_proc", "gns.ema_alpha")
+# Resuming: settings that define what is trained and measured cannot change (the checkpoint would not
+# fit, or the logs would mix two experiments); those that only say how long the run goes and how it logs
+# and executes change quietly; any other change (learning rate, batch size, ...) is allowed, as when a
+# diverged run is restarted from its last checkpoint with a lower learning rate, and is announced.
+FIXED_ON_RESUME = ("model", "data.name", "data.path", "data.max_bytes", "data.val_fraction", "data.hf_dataset",
+                   "seq_len", "gns.mode", "gns.per_layer")
+QUIET_ON_RESUME = ("max_steps", "max_tokens", "eval_interval", "log_interval", "checkpoint_interval", "compile",
+                   "device", "prepare_missing", "resume", "out_dir", "run_name", "data.data_dir", "data.num_proc",
+                   "gns.ema_alpha", "gns.ln_backend", "gns.method", "gns.chunk_size")
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
@@ -129,12 +134,18 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_settings(cfg: DictConfig, saved: DictConfig, given: list[str] | None, out: Path) -> DictConfig:
-    """The settings of a resumed run: the run's saved ones, with what the command line changed on top.
+def _matches(key: str, names: tuple[str, ...]) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in names)
 
-    given: the command line's overrides (None: every setting counts as given). A given setting in
-    RESUMABLE takes its new value; any other given setting must equal the run's, else ConfigError (a
-    different model, data set, batch size or learning rate would not continue the same run).
+
+def resume_settings(
+    cfg: DictConfig, saved: DictConfig, given: list[str] | None, out: Path
+) -> tuple[DictConfig, dict[str, tuple]]:
+    """The settings of a resumed run, and what changed: {key: (the run's value, the new one)}.
+
+    The run's saved settings, with those the command line gives (`given`, its overrides; None: every
+    setting counts as given) on top. A given setting in FIXED_ON_RESUME that differs from the run's is
+    a ConfigError.
     """
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
@@ -142,27 +153,25 @@ def resume_settings(cfg: DictConfig, saved: DictConfig, given: list[str] | None,
         raise ConfigError(f"{out / 'config.yaml'} does not fit this version's settings: {e}") from None
     now = _leaves(OmegaConf.to_container(cfg, resolve=True))
     then = _leaves(OmegaConf.to_container(merged, resolve=True))
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in given} if given is not None else set()
+    keys = tuple({o.split("=", 1)[0].lstrip("+~") for o in given}) if given is not None else ()
     # a group override without a key of its own (experiment=111M, scale=tiny) may set any setting
     every = given is None or any(k not in now and not any(n.startswith(k + ".") for n in now) for k in keys)
-
-    def is_given(key: str) -> bool:  # the key itself, or a parent of it (model=111M sets model.*)
-        return every or any(key == k or key.startswith(k + ".") for k in keys)
-
-    differ = []
+    fixed, changed = [], {}
     for key in sorted(now):
-        if key in then and now[key] == then[key] or not is_given(key):
+        if key in then and now[key] == then[key] or not (every or _matches(key, keys)):
             continue
-        if key in RESUMABLE:
-            OmegaConf.update(merged, key, now[key], merge=False)
-        else:
-            differ.append(f"{key}={now[key]} (the run's: {then.get(key)})")
-    if differ:
-        raise ConfigError(f"resume=true continues the run in {out} with its settings ({out / 'config.yaml'}), but "
-                          f"{', '.join(differ[:4])}{' and more' if len(differ) > 4 else ''}; drop "
-                          f"{'them' if len(differ) > 1 else 'it'} to continue the run, or start a new run in another "
-                          "out_dir. A resumed run may change " + ", ".join(RESUMABLE[:6]) + " and the like")
-    return merged
+        if _matches(key, FIXED_ON_RESUME):
+            fixed.append(f"{key}={now[key]} (the run's: {then.get(key)})")
+            continue
+        OmegaConf.update(merged, key, now[key], merge=False)
+        if not _matches(key, QUIET_ON_RESUME):
+            changed[key] = (then.get(key), now[key])
+    if fixed:
+        raise ConfigError(f"resume=true continues the run in {out} ({out / 'config.yaml'}), but "
+                          f"{', '.join(fixed[:4])}{' and more' if len(fixed) > 4 else ''}: the model, data, context "
+                          "and what is measured cannot change within a run. Drop "
+                          f"{'them' if len(fixed) > 1 else 'it'}, or start a new run in another out_dir")
+    return merged, changed
 
 
 # ---- building blocks (shared with the benchmarks) ---------------------------------------------------
@@ -304,14 +313,15 @@ def train(cfg: TrainConfig | DictConfig, overrides: list[str] | None = None) -> 
     """Train as configured; returns the run directory. Raises ConfigError/DataError before any work.
 
     overrides: the command line's settings. With resume=true and a checkpoint in out_dir, the run's
-    saved settings apply, and the command line may change only those in RESUMABLE (resume_settings).
+    saved settings apply, and the command line changes some of them (resume_settings).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(cfg.out_dir if cfg.out_dir else f"outputs/{cfg.run_name}")
     ckpt_path = out / "ckpt.pt"
     resuming = cfg.resume and ckpt_path.exists()
+    changed: dict[str, tuple] = {}
     if resuming and (out / "config.yaml").exists():
-        cfg = resume_settings(cfg, OmegaConf.load(out / "config.yaml"), overrides, out)
+        cfg, changed = resume_settings(cfg, OmegaConf.load(out / "config.yaml"), overrides, out)
     validate(cfg, world)
     from gnsrepro.data.dataset import batch_offsets, open_split, read_batch
     from gnsrepro.data.prepare import ensure_prepared
@@ -360,6 +370,8 @@ def train(cfg: TrainConfig | DictConfig, overrides: list[str] | None = None) -> 
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         if d.main:
             print(f"resuming {out} from step {step} ({_fmt_count(tokens)} tokens)", flush=True)
+            for key, (old, new) in changed.items():
+                print(f"  {key}: {old} -> {new} from step {step + 1} on", flush=True)
 
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(seq_len)
@@ -400,7 +412,10 @@ def train(cfg: TrainConfig | DictConfig, overrides: list[str] | None = None) -> 
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         meta = "meta.json" if step == 0 else f"meta-resumed-at-{step}.json"  # the first start's is kept
-        (out / meta).write_text(json.dumps(run_metadata(device, d.world_size), indent=2))
+        record = run_metadata(device, d.world_size)
+        if step:
+            record["changed_settings"] = {k: {"before": old, "after": new} for k, (old, new) in changed.items()}
+        (out / meta).write_text(json.dumps(record, indent=2, default=str))
         resume_step = step if cfg.resume else None
         metrics_log = ParquetLog(out / "metrics.parquet", resume_step=resume_step if resume_step else -1)
         gns_log = ParquetLog(out / "gns.parquet", resume_step=resume_step if resume_step else -1)
@@ -501,10 +516,12 @@ def train(cfg: TrainConfig | DictConfig, overrides: list[str] | None = None) -> 
         pending = []
         flushing = False
         if bad is not None:
-            kept = (f"the last checkpoint, {ckpt_path}, is kept: resume=true continues from it" if ckpt_path.exists()
-                    else "no checkpoint was written yet")
-            raise DivergedError(f"the loss is not finite at step {bad_step}; stopping ({kept}). Lower optim.lr, "
-                                "raise optim.warmup_tokens or check the data")
+            if ckpt_path.exists():
+                how = (f"the last checkpoint is kept: 'gnsrepro train out_dir={out} resume=true optim.lr=...' "
+                       "continues from it with a lower learning rate")
+            else:
+                how = "no checkpoint was written yet: start again with a lower optim.lr or more optim.warmup_tokens"
+            raise DivergedError(f"the loss is not finite at step {bad_step}; stopping ({how})")
 
     model.train()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -267,7 +268,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(DivergedError, match="not finite at step 6; stopping .the last checkpoint"):
+    with pytest.raises(DivergedError, match="not finite at step 6; stopping .the last checkpoint is kept"):
         train(cfg)
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 4
@@ -306,11 +307,18 @@ def test_interrupt_logs_every_finished_step_then_resume_continues(data_dir, tmp_
     pd.testing.assert_frame_equal(g.reset_index(drop=True), g_ref.reset_index(drop=True), rtol=1e-5)
     assert (out / "meta.json").exists() and (out / "meta-resumed-at-6.json").exists()
 
-    # a setting that changes the run is refused, one that only extends it is taken
-    with pytest.raises(ConfigError, match=r"optim.lr=0.01 \(the run's: 0.003\); drop it to continue the run"):
-        train(make_cfg(*given, "optim.lr=1e-2"), overrides=[*given, "optim.lr=1e-2"])
-    train(make_cfg(*given, "max_steps=11"), overrides=[*given, "max_steps=11"])
-    assert pd.read_parquet(out / "metrics.parquet")["step"].max() == 11
+    # another model cannot continue the run; a longer run with a lower learning rate can, and says so
+    with pytest.raises(ConfigError, match=r"model.n_layer=3 \(the run's: 2\): the model, data"):
+        train(make_cfg(*given, "model.n_layer=3"), overrides=[*given, "model.n_layer=3"])
+    more = [*given, "max_steps=11", "optim.lr=1e-3"]
+    train(make_cfg(*more), overrides=more)
+    m = pd.read_parquet(out / "metrics.parquet")
+    tokens_per_step = 8 * 32
+    assert m["step"].max() == 11
+    assert m["lr"].iloc[9] == pytest.approx(lr_at(9 * tokens_per_step, make_cfg("optim.lr=1e-3").optim,
+                                                  11 * tokens_per_step))
+    meta = json.loads((out / "meta-resumed-at-9.json").read_text())
+    assert meta["changed_settings"] == {"optim.lr": {"before": 3e-3, "after": 1e-3}}
 
 
 @pytest.mark.slow
