@@ -36,9 +36,11 @@ PerExampleNorms.stacked(n) applies the n².
 Precision: the norms and the per-example sums behind them are fp32 (fp64 for a float64 model, so that
 tests can check to 1e-9); under bf16 autocast the batched matmuls write fp32 (`out_dtype` on CUDA, an
 upcast elsewhere), so dW = Σ_b G_b is summed in fp32 and returned in the parameter's dtype, not
-rounded to bf16 per example. Autocast: Linear and the head cast x and W to the autocast dtype like
-nn.Linear does; LayerNorm computes in fp32 and returns x's dtype, as the Triton kernel does (F.layer_norm
-returns fp32 under CUDA autocast; in a GPT x is the fp32 residual stream, so both agree there).
+rounded to bf16 per example, also when loss.backward() is called inside the autocast region (the
+Linear and head backward passes turn autocast off). Autocast: Linear and the head cast x and W to the
+autocast dtype like nn.Linear does; LayerNorm computes in fp32 and returns x's dtype, as the Triton
+kernel does (F.layer_norm returns fp32 under CUDA autocast; in a GPT x is the fp32 residual stream, so
+both agree there).
 
 DDP: sinks are plain attributes, not parameters or buffers, so DDP neither all-reduces nor broadcasts
 them: each rank's sink.grad holds its own examples' norms, with n the rank's local B·m.
@@ -97,6 +99,22 @@ def _matmul_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Ten
     if a.is_cuda and acc == torch.float32 and a.dtype in (torch.float16, torch.bfloat16):
         return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=acc)
     return a.to(acc) @ b.to(acc)
+
+
+def _autocast_off(backward):
+    """Runs an autograd.Function's backward with autocast off: backward inherits the autocast state of
+    the caller of loss.backward(), and inside an autocast region _matmul_acc's fp32 matmuls would be
+    recast to bf16, rounding the norms and dW. The backward picks its dtypes itself (see Precision)."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, grad, *grads):
+        device = grad.device.type
+        if device not in ("cuda", "cpu"):  # no autocast to turn off (torch.autocast rejects e.g. meta)
+            return backward(ctx, grad, *grads)
+        with torch.autocast(device, enabled=False):
+            return backward(ctx, grad, *grads)
+
+    return wrapped
 
 
 def _chunk(chunk_size: int, per_example_bytes: int) -> int:
@@ -194,6 +212,7 @@ class _LinearFn(torch.autograd.Function):
         return F.linear(xc, wc, None if bias is None else bias.to(dtype))
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         B, K, L = x.shape[0], x.shape[-1], dy.shape[-1]
@@ -295,6 +314,7 @@ class _TiedHeadFn(torch.autograd.Function):
         return F.linear(xc, wc)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dlogits):
         x, w, ids = ctx.saved_tensors
         B, d, V = x.shape[0], x.shape[-1], w.shape[0]

@@ -9,7 +9,8 @@ Tolerances:
   logits.float(), so dlogits carry fp32 rounding, and differently for one example than for B.
 - float32: rtol 1e-4 on norms (squares of fp32 sums), p.grad rtol 1e-5 / atol 1e-7 against plain.
 - Triton kernel (fp32 statistics, TRITON_INTERPRET on CPU): rtol 1e-4 against the torch backend.
-- bf16 autocast (CPU): rtol 5e-2 against fp32, a smoke test of the dtype handling.
+- bf16 autocast (CPU): rtol 5e-2 against fp32, a smoke test of the dtype handling; backward inside
+  the autocast region bitwise equal to backward outside it.
 """
 
 from __future__ import annotations
@@ -279,19 +280,42 @@ def test_compile_fullgraph_same_norms():
     assert_norms(got, eager, list(eager), rtol=1e-5)
 
 
-def test_autocast_bf16_dtypes():
-    plain, model = twins(instrumented_layers("all", method="simultaneous"), dtype=torch.float32)
-    idx, targets = batch(3)
-    want = per_example_sqnorms(model, idx, targets)
+def _autocast_step(model: GPT, idx, targets, backward_inside: bool):
+    """Forward under CPU bf16 autocast, loss.backward() inside or after the autocast region; the
+    per-example norms and a copy of every p.grad."""
     model.zero_grad()
-    PerExampleNorms(model).attach(3)
+    norms = PerExampleNorms(model)
+    norms.attach(idx.shape[0])
+    norms.zero()  # the sinks outlive a step while B holds
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = per_example_sqnorms(model, idx, targets)
-        logits, _ = model(idx, targets)  # through the instrumented layers (sinks attached)
+        logits, loss = model(idx, targets)
+        if backward_inside:
+            loss.backward()
+    if not backward_inside:
+        loss.backward()
+    assert logits.dtype == torch.bfloat16
+    return norms.per_example(idx.shape[0]), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["simultaneous", "ghost"])
+def test_autocast_bf16_dtypes(method):
+    """bf16 autocast: the forward casts like nn.Linear, norms and grads stay fp32. The backward turns
+    autocast off, so calling loss.backward() inside the autocast region gives bit for bit what calling
+    it outside does (its fp32 matmuls would otherwise be recast to bf16, rounding norms and dW)."""
+    plain, model = twins(instrumented_layers("all", method=method), dtype=torch.float32)
+    idx, targets = batch(3)
+    want = per_example_sqnorms(model, idx, targets)  # fp32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         plain_logits, _ = plain(idx, targets)
-    assert logits.dtype == plain_logits.dtype == torch.bfloat16
-    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
-    assert_norms(got, want, list(want), rtol=5e-2)
+    assert plain_logits.dtype == torch.bfloat16
+    outside, outside_grads = _autocast_step(model, idx, targets, backward_inside=False)
+    inside, inside_grads = _autocast_step(model, idx, targets, backward_inside=True)
+    assert all(g.dtype == torch.float32 for g in outside_grads.values())
+    assert_norms(outside, want, list(want), rtol=5e-2)
+    for n in outside:
+        assert torch.equal(inside[n], outside[n]), n
+    for n in outside_grads:
+        assert torch.equal(inside_grads[n], outside_grads[n]), n
 
 
 def _triton_available() -> bool:
