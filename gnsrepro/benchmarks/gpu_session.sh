@@ -19,7 +19,7 @@ for stage in "$@"; do
     layernorm) run python3 -m gnsrepro bench layernorm out=$OUT/layernorm.parquet ;;
     diagnose)  run python3 -m gnsrepro.benchmarks.layernorm --diagnose ;;
     variants)  run python3 -m gnsrepro.benchmarks.layernorm --variants --out $OUT/variants.csv ;;
-    sweepbwd)  run python3 -m gnsrepro.benchmarks.layernorm --sweep-bwd --sizes ${SIZES:-768,1024} --jobs ${JOBS:-12} \
+    sweepbwd)  run python3 -m gnsrepro.benchmarks.layernorm --sweep-bwd --sizes ${SIZES:-768,1024} --dtypes ${DTYPES:-bf16,fp32} --jobs ${JOBS:-12} \
                  --out $OUT/sweep_bwd.csv ;;
     sweep)     run python3 -m gnsrepro.benchmarks.layernorm --sweep --out $OUT/sweep.csv ;;
     train)     run python3 -m gnsrepro bench train model=111M micro_batch_size=16 ;;

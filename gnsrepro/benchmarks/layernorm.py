@@ -590,14 +590,18 @@ if __name__ == "__main__":
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="hidden sizes, comma-separated")
+    p.add_argument("--dtypes", default="bf16,fp32", help="--sweep-bwd, --variants: dtypes, comma-separated")
     p.add_argument("--jobs", type=int, default=1, help="--sweep-bwd: processes that compile the configurations first")
     args = p.parse_args()
+    dtypes = tuple(args.dtypes.split(","))
+    if unknown := set(dtypes) - set(DTYPES):
+        p.error(f"--dtypes: unknown {sorted(unknown)}; accepts {sorted(DTYPES)}")
     if args.diagnose:
         diagnose()
     elif args.sweep_bwd:
-        sweep_bwd(sizes=tuple(int(n) for n in args.sizes.split(",")), out=args.out, jobs=args.jobs)
+        sweep_bwd(sizes=tuple(int(n) for n in args.sizes.split(",")), dtypes=dtypes, out=args.out, jobs=args.jobs)
     elif args.variants:
-        variants(sizes=tuple(int(n) for n in args.sizes.split(",")), out=args.out)
+        variants(sizes=tuple(int(n) for n in args.sizes.split(",")), dtypes=dtypes, out=args.out)
     elif args.sweep:
         sweep(sizes=tuple(int(n) for n in args.sizes.split(",")), out=args.out or os.environ.get("SWEEP_OUT"))
     else:

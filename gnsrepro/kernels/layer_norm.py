@@ -55,11 +55,11 @@ input's gradient in its own dtype), as inductor does when it fuses its own Layer
 Without it the kernel, an opaque op to inductor, costs an extra add kernel each way per LayerNorm.
 
 Speed (docs/benchmarks.md has the commands and full tables; one H100, torch 2.11, triton 3.6):
-8 × 2048 rows, forward + backward, device time (CUDA-graph replay) 0.43-0.59× PyTorch's at N = 768 ...
-8192 in bf16 and fp32, 64-94% of the measured copy bandwidth. Called eagerly, the Python host cost
-(autograd.Function, three Triton launches, the autograd engine's device thread; about 0.27 ms per
+8 × 2048 rows, forward + backward, device time (CUDA-graph replay) 0.42-0.59× PyTorch's at N = 768 ...
+8192 in bf16 and fp32, 67-94% of the measured copy bandwidth. Called eagerly, the Python host cost
+(autograd.Function, two or three Triton launches, the autograd engine's device thread; about 0.27 ms per
 forward + backward on that machine, against about 0.15 ms for PyTorch's C++ path) dominates below
-N = 4096. In the compiled 111M GPT, gns=ln with this kernel takes 1.001× the step time of gns=off.
+N = 4096. In the compiled 111M GPT, gns=ln with this kernel takes 1.001-1.004× the step time of gns=off.
 """
 
 from __future__ import annotations
@@ -619,8 +619,10 @@ class _BwdConfig(NamedTuple):
     maxnreg: Optional[int] = None  # registers per thread at most (more programs fit on an SM)
 
 
+# By (BLOCK_N, bytes per element), from gnsrepro.benchmarks.layernorm: sweep() on an H200, then
+# sweep_bwd() and variants() on an H100 for BLOCK_N = 1024 in 16 bits (docs/benchmarks.md).
 _BWD_CONFIG = {
-    (1024, 2): _BwdConfig(4, 4, 2, False, 1), (2048, 2): _BwdConfig(2, 8, 2, False, 1),
+    (1024, 2): _BwdConfig(4, 4, 2, True, 1, stages=3), (2048, 2): _BwdConfig(2, 8, 2, False, 1),
     (4096, 2): _BwdConfig(1, 8, 2, False, 1), (8192, 2): _BwdConfig(1, 16, 2, False, 1),
     (1024, 4): _BwdConfig(4, 4, 2, False, 1), (2048, 4): _BwdConfig(2, 16, 2, False, 1),
     (4096, 4): _BwdConfig(2, 16, 2, False, 1), (8192, 4): _BwdConfig(1, 8, 2, False, 1),
