@@ -170,6 +170,18 @@ def _bwd_load(
 
 
 @triton.jit
+def _add_pairs(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _row_sums2(a, b):
+    """(Σ_j a[:, j], Σ_j b[:, j]) as one reduction: a row spread over several warps then crosses them
+    once (one round through shared memory and its barriers) instead of once per sum."""
+    return tl.reduce((a, b), axis=1, combine_fn=_add_pairs)
+
+
+@triton.jit
 def _bwd_rows(
     X,  # (M, N) input rows, contiguous
     DY,  # (M, N) incoming gradient rows, contiguous
@@ -222,8 +234,9 @@ def _bwd_rows(
         dyf = dy.to(tl.float32)
         xhat = tl.where(mask, (xf - mean[:, None]) * rstd[:, None], 0.0)
         wdy = w[None, :] * dyf
-        c1 = tl.sum(xhat * wdy, axis=1) / N  # mean over the row of dy·γ ⊙ x̂
-        c2 = tl.sum(wdy, axis=1) / N  # mean over the row of dy·γ
+        c1, c2 = _row_sums2(xhat * wdy, wdy)
+        c1 = c1 / N  # mean over the row of dy·γ ⊙ x̂
+        c2 = c2 / N  # mean over the row of dy·γ
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DRES:
             dx = dx + ds.to(tl.float32)
@@ -313,8 +326,9 @@ def _bwd_rows_pipelined(
         ho = tl.where(mask, (xo - mean[:, None]) * rstd[:, None], 0.0)
         wde = we[None, :] * dye
         wdo = wo[None, :] * dyo
-        c1 = (tl.sum(he * wde, axis=1) + tl.sum(ho * wdo, axis=1)) / N
-        c2 = (tl.sum(wde, axis=1) + tl.sum(wdo, axis=1)) / N
+        c1, c2 = _row_sums2(he * wde + ho * wdo, wde + wdo)
+        c1 = c1 / N
+        c2 = c2 / N
         dxe = (wde - (he * c1[:, None] + c2[:, None])) * rstd[:, None]
         dxo = (wdo - (ho * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DRES:
