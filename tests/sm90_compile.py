@@ -44,15 +44,18 @@ def compile_one(fn, consts: dict, x: str, dy: str) -> dict:
 
 def variants():
     """Every code path once: each kernel in each dtype pairing, the three work splits, the reduce kernel
-    and the tail reduction, register prefetch of one or two tiles and the pipelined loads (even N)."""
+    and the tail reduction over two or three levels, register prefetch of one or two tiles and the
+    pipelined loads (even N)."""
     for x, dy in (("bf16", "bf16"), ("fp32", "bf16"), ("fp16", "fp16")):
         for N in (768, 999, 4096):
             yield "fwd", x, dy, N, dict(HAS_RES=True, HAS_BIAS=True, BLOCK_M=2, BLOCK_N=K._next_pow2(N),
                                         DOWNCAST=x != "fp32", USE_PDL=True, num_warps=4)
             shapes = ((8, 2048), (4096, 4), (16384, 1)) if N == 768 else ((8, 2048),)  # MODE 2, 1, 0
             for B, T in shapes:
-                for tail, depth, stages, maxnreg in ((False, 1, 0, 0), (True, 2, 0, 0), (True, 1, 3, 128)):
-                    plan = K._bwd_launch(B, T, N, True, 264, 2, 4, tail, depth, stages, maxnreg)
+                for tail, depth, stages, maxnreg, sub in (
+                    (False, 1, 0, 0, 0), (True, 2, 0, 0, 0), (True, 1, 3, 128, -1),
+                ):
+                    plan = K._bwd_launch(B, T, N, True, 264, 2, 4, tail, depth, stages, maxnreg, sub)
                     consts = dict(plan.main, HAS_DRES=x == dy, HAS_DX2=x == dy, USE_PDL=tail)
                     yield "bwd", x, dy, N, consts
                     if plan.reduce is not None and x == "bf16":

@@ -134,27 +134,32 @@ def test_examples_of_very_different_scale(dtype):
         (6, 1, 34, 2, 4, 0),  # even N, 2-D input
         (70, 1, 33, 1, 70, 0),  # tail reduction: 9 programs per group, more than one load of 8 rows
         (10, 5, 1000, 1, 50, 2),  # tail reduction: 10 examples of 5 chunks, N = 1000 loads 4 rows at a time
+        (65, 1, 34, 1, 65, 0),  # tail reduction: 8 groups of 9 programs, the last group of 2
     ],
 )
 @pytest.mark.parametrize(
-    "tail,depth,stages",
-    [(False, 1, 0), (True, 1, 0), (True, 2, 0), (False, 1, 3)],
-    ids=["reduce_kernel", "tail", "tail_depth2", "pipelined"],
+    "tail,depth,stages,sub",
+    [(False, 1, 0, 0), (True, 1, 0, 0), (True, 2, 0, 0), (False, 1, 3, 0), (True, 1, 0, 2), (True, 1, 3, 3)],
+    ids=["reduce_kernel", "tail", "tail_depth2", "pipelined", "tail_sub2", "tail_sub3_pipelined"],
 )
-def test_every_work_split_matches_reference(num_ex, T, N, block_m, target, mode, tail, depth, stages):
+def test_every_work_split_matches_reference(num_ex, T, N, block_m, target, mode, tail, depth, stages, sub):
     """The three ways rows are split over programs, forced through the launchers' tuning knobs, with the
-    partial sums reduced by a second kernel or by the main kernel's last programs, loading one or two
-    tiles ahead in registers, or (even N) through the compiler's pipelined loads."""
+    partial sums reduced by a second kernel or by the main kernel's last programs (over two levels, or
+    three: subgroups of `sub` programs, the last one short), loading one or two tiles ahead in
+    registers, or (even N) through the compiler's pipelined loads."""
     assert K._bwd_plan(num_ex, T, block_m, target)[0] == mode
     shape = (num_ex, T, N) if T > 1 else (num_ex, N)
     for bias in (True, False):
-        plan = K._bwd_launch(num_ex, T, N, bias, target, block_m, 4, tail, depth, stages)
+        plan = K._bwd_launch(num_ex, T, N, bias, target, block_m, 4, tail, depth, stages, None, sub)
         assert plan.main["TAIL_REDUCE"] == tail and (plan.reduce is None) == tail
+        assert plan.main["TAIL_SUB"] == (plan.NSG > 0)
+        assert plan.NSG == (K._cdiv(plan.GP, sub) if tail and 1 < sub < plan.GP else 0)
         assert plan.main["STAGES"] == (stages if N % 2 == 0 else 0)  # odd N: the register path
         x, w, b, dy = make(shape, bias=bias, scales=[10.0 ** ((i % 5) - 2) for i in range(num_ex)])
         y, stats, _ = K.layer_norm_forward(x, w, b, EPS, block_m=block_m)
         dx, dw, db, sq, _ = K.layer_norm_backward(
-            dy, x, w, b, stats, block_m=block_m, target_programs=target, tail_reduce=tail, depth=depth, stages=stages
+            dy, x, w, b, stats, block_m=block_m, target_programs=target, tail_reduce=tail, depth=depth, stages=stages,
+            tail_sub=sub,
         )
         ry, rdx, rdw, rdb, rsw, rsb = layer_norm_per_example_reference(x, w, b, EPS, dy)
         assert rel(y, ry) < 1e-5 and rel(dx, rdx) < 1e-5 and rel(dw, rdw) < 1e-5
@@ -163,17 +168,21 @@ def test_every_work_split_matches_reference(num_ex, T, N, block_m, target, mode,
             assert rel(db, rdb) < 1e-5 and (sq[:, 1] - rsb).abs().le(1e-5 * rsb).all()
 
 
-@pytest.mark.parametrize("tail", [False, True], ids=["reduce_kernel", "tail_reduce"])
-def test_backward_is_deterministic_and_leaves_its_counters_at_zero(tail):
+@pytest.mark.parametrize(
+    "tail,sub", [(False, 0), (True, 0), (True, 2)], ids=["reduce_kernel", "tail_reduce", "tail_sub"]
+)
+def test_backward_is_deterministic_and_leaves_its_counters_at_zero(tail, sub):
     """MODE 2 finishes the per-example norms in the last program to arrive (atomic counters)."""
     x, w, b, dy = make((2, 13, 33), scales=[1e2, 1e-2])
     _, stats, _ = K.layer_norm_forward(x, w, b, EPS)
-    first = K.layer_norm_backward(dy, x, w, b, stats, block_m=2, target_programs=6, tail_reduce=tail)
+    kw = dict(block_m=2, target_programs=6, tail_reduce=tail, tail_sub=sub)
+    assert K._bwd_launch(2, 13, 33, True, 6, 2, 4, tail, 1, 0, None, sub).NSG == (2 if sub else 0)
+    first = K.layer_norm_backward(dy, x, w, b, stats, **kw)
     for _ in range(3):
-        again = K.layer_norm_backward(dy, x, w, b, stats, block_m=2, target_programs=6, tail_reduce=tail)
+        again = K.layer_norm_backward(dy, x, w, b, stats, **kw)
         for a, c in zip(first[:4], again[:4]):
             assert torch.equal(a, c)
-    assert not K._counters(x.device, 1).any()
+    assert not K._counters(x.device, 64).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -214,6 +223,23 @@ def test_tail_reduction_only_where_one_program_reads_little():
     plan = K._bwd_launch(1, 2048, 8192, True, 264, 1, 8, True)
     assert not plan.main["TAIL_REDUCE"] and plan.reduce is not None
     assert not K._bwd_launch(8, 2048, 768, True, 264, 4, 4, False).main["TAIL_REDUCE"]
+    # 8 × 2048 rows of 768 in 376 programs: groups of 47 partials are too many for one program (289 KB),
+    # but not with a middle level (subgroups of 4, 12 subgroups per group, 8 groups: 4-12 rows at a time)
+    assert not K._bwd_launch(8, 2048, 768, True, 400, 4, 4, True, 1, 0, None, 0).main["TAIL_REDUCE"]
+    plan = K._bwd_launch(8, 2048, 768, True, 400, 4, 4, True, 1, 0, None, -1)
+    assert plan.main["TAIL_REDUCE"] and plan.reduce is None and (plan.P, plan.GP, plan.SG, plan.NSG) == (376, 47, 4, 12)
+
+
+def test_tail_subgroups_where_they_shorten_the_chain_of_loads():
+    # groups of 32 programs, 4 rows per load: 8 loads in a row, or 1 (subgroup of 4) + 2 (8 subgroups)
+    assert K._subgroup(32, 4) == 4
+    plan = K._bwd_launch(8, 2048, 768, True, 264, 4, 4, True, 1, 3, None, -1)
+    assert (plan.GP, plan.NGRP, plan.SG, plan.NSG) == (32, 8, 4, 8) and plan.main["TAIL_SUB"]
+    assert plan.work == 2 * (256 + 8 + 8 * 8) * 768  # partials, the groups' rows, the subgroups' rows
+    # 9 programs, 8 rows per load: 2 loads either way, so no middle level (one atomic fewer)
+    assert K._subgroup(9, 8) == 0 and K._subgroup(2, 1) == 0
+    assert K._bwd_launch(70, 1, 33, True, 70, 1, 4, True, 1, 0, None, -1).NSG == 0
+    assert K._bwd_launch(70, 1, 33, True, 70, 1, 4, True, 1, 0, None, 0).NSG == 0
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (4, 33)], ids=["3d", "2d"])
@@ -454,14 +480,18 @@ def test_torch_compile_fullgraph_no_graph_break():
 def launch_variant(request, monkeypatch):
     """Each GPU test three times: the tuned launch table as it is; with programmatic dependent launch and
     two tiles loaded ahead in registers (reduce kernel); with PDL, the loads pipelined through shared
-    memory and the tail reduction at every shape (not only where it is the faster choice)."""
+    memory and the tail reduction at every shape (not only where it is the faster choice), over three
+    levels where the table says two and two where it says three."""
     cfg = {
         "base": dict(),
         "pdl_depth2": dict(depth=2, tail=False),
         "pdl_tail_pipelined": dict(stages=3, tail=True),
     }[request.param]
+    flip = request.param == "pdl_tail_pipelined"
     monkeypatch.setattr(K, "PDL", request.param != "base")
-    monkeypatch.setattr(K, "_BWD_CONFIG", {k: c._replace(**cfg) for k, c in K._BWD_CONFIG.items()})
+    monkeypatch.setattr(K, "_BWD_CONFIG", {
+        k: c._replace(**cfg, **({"tail_sub": not c.tail_sub} if flip else {})) for k, c in K._BWD_CONFIG.items()
+    })
     if cfg.get("tail"):
         monkeypatch.setattr(K, "_TAIL_MAX_BYTES", 1 << 40)
     K._bwd_launch.cache_clear()
@@ -525,10 +555,14 @@ def test_gpu_benchmark_shape_matches_torch_and_repeats_bitwise(N, launch_variant
         for a, c in zip(first[:4], out_g[:4]):
             assert torch.equal(a, c)
     assert not K._counters(x.device, 1).any()
-    if launch_variant == "pdl_tail_pipelined":  # the tail reduction did run at this shape
-        cfg = K._bwd_config(K._next_pow2(N), 2)
-        target = K._target_programs(x.device, cfg.per_sm)
-        assert K._bwd_launch(8, 2048, N, True, target, cfg.block_m, cfg.num_warps, True).reduce is None
+    cfg = K._bwd_config(K._next_pow2(N), 2)
+    target = K._target_programs(x.device, cfg.per_sm)
+    plan = K._bwd_launch(8, 2048, N, True, target, cfg.block_m, cfg.num_warps, cfg.tail, cfg.depth, cfg.stages,
+                         cfg.maxnreg, -1 if cfg.tail_sub else 0)
+    if launch_variant == "pdl_tail_pipelined":  # the tail reduction did run at this shape, and its middle level
+        assert plan.reduce is None and (plan.NSG > 0) == cfg.tail_sub  # where the variant has one
+    if launch_variant == "base" and N == 768 and target == 264:  # 132 SMs: three levels of 4, 8, 8 rows
+        assert plan.reduce is None and (plan.GP, plan.NGRP, plan.SG, plan.NSG) == (32, 8, 4, 8)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error message")
@@ -605,7 +639,7 @@ def test_every_kernel_variant_compiles_for_sm90():
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(rows) == 61
+    assert len(rows) == 60
     failed = [r for r in rows if not r["ok"]]
     assert not failed, failed[0]
     bwd = [r for r in rows if r["kind"] == "bwd"]
@@ -613,3 +647,4 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert all(r["cp_async"] > 0 for r in bwd if r["STAGES"] > 0)
     assert all(r["cp_async"] == 0 for r in bwd if r["STAGES"] == 0)
     assert all(r["griddepcontrol"] == r["USE_PDL"] for r in rows)
+    assert {r["TAIL_SUB"] for r in bwd if r["TAIL_REDUCE"]} == {False, True}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import itertools
 import os
 import statistics
 import time
@@ -434,11 +435,18 @@ def sweep_bwd(
     return pd.DataFrame(rows)
 
 
-def variants(sizes=SIZES, dtypes=("bf16", "fp32"), steps: int = 20, per_sms=(1, 2), out: Optional[str] = None):
+def variants(
+    sizes=SIZES, dtypes=("bf16", "fp32"), steps: int = 20, per_sms=(1, 2), out: Optional[str] = None, subs=(0, -1),
+    pdls=(False, True), stages=(None,),
+):
     """Forward + backward device time (CUDA graph) of the tuned launch configuration, with and without
-    the backward's tail reduction and programmatic dependent launch, at 1 and 2 backward programs per SM.
+    the backward's tail reduction (over two levels, and three where that differs) and programmatic
+    dependent launch, at 1 and 2 backward programs per SM. subs: the tail reduction's programs per
+    subgroup to try (0: two levels; -1: the launcher's choice; each only where it applies); stages:
+    the backward's pipeline stages to try (None: the table's; 0: loads in registers).
 
-    The experiment behind the tail column of _BWD_CONFIG and the PDL default.
+    The experiment behind the tail columns of _BWD_CONFIG and the PDL default. As in
+    `gnsrepro bench layernorm`, y stays allocated through the backward (dx does not take its memory).
     """
     from gnsrepro.kernels import layer_norm as K
 
@@ -449,7 +457,9 @@ def variants(sizes=SIZES, dtypes=("bf16", "fp32"), steps: int = 20, per_sms=(1, 
     try:
         for dname in dtypes:
             for N in sizes:
-                rows += _variants_one(device, dname, N, steps, flush, per_sms, copy_gbps)
+                rows += _variants_one(
+                    device, dname, N, steps, flush, per_sms, copy_gbps, subs, pdls, stages
+                )
                 if out:
                     pd.DataFrame(rows).to_csv(out, index=False)
     finally:
@@ -457,7 +467,9 @@ def variants(sizes=SIZES, dtypes=("bf16", "fp32"), steps: int = 20, per_sms=(1, 
     return pd.DataFrame(rows)
 
 
-def _variants_one(device, dname: str, N: int, steps: int, flush, per_sms, copy_gbps: float) -> list[dict]:
+def _variants_one(
+    device, dname: str, N: int, steps: int, flush, per_sms, copy_gbps: float, subs, pdls, stages_opts,
+) -> list[dict]:
     from gnsrepro.kernels import layer_norm as K
 
     x, w, b, dy, _ = _cases(device, DTYPES[dname], N)
@@ -467,25 +479,35 @@ def _variants_one(device, dname: str, N: int, steps: int, flush, per_sms, copy_g
     bm, nw = cfg.block_m, cfg.num_warps
     nbytes = 5 * x.numel() * x.element_size()
 
-    def fwd_bwd(target, tail):
+    def fwd_bwd(**kw):
         def f():
-            _, stats, _ = K.layer_norm_forward(x, w, b, EPS)
-            return K.layer_norm_backward(dy, x, w, b, stats, target_programs=target, tail_reduce=tail)
+            y, stats, _ = K.layer_norm_forward(x, w, b, EPS)
+            return y, K.layer_norm_backward(dy, x, w, b, stats, **kw)
 
         return f
 
     here = []
-    for per_sm in per_sms:
-        for tail in (False, True):
-            if tail and K._bwd_launch(BATCH, SEQ, N, True, nsm * per_sm, bm, nw, True).reduce is not None:
+    stages_opts = dict.fromkeys(cfg.stages if st is None else st for st in stages_opts)  # the table's, once
+    for per_sm, st in itertools.product(per_sms, stages_opts):
+        # the reduce kernel, then the tail reduction with each of `subs` (a middle level only where it applies)
+        seen = set()
+        for tail, sub in [(False, 0)] + [(True, s) for s in subs]:
+            plan = K._bwd_launch(BATCH, SEQ, N, True, nsm * per_sm, bm, nw, tail, 1, 0, None, sub)
+            if tail and plan.reduce is not None:
                 continue  # too much for one program: the launcher falls back to the reduce kernel
-            for pdl in (False, True):
+            if (tail, plan.SG) in seen:
+                continue  # the same launch as a row above (no middle level at this shape)
+            seen.add((tail, plan.SG))
+            for pdl in pdls:
                 K.PDL = pdl
-                us = graph_time_us(fwd_bwd(nsm * per_sm, tail), steps, flush)
+                fn = fwd_bwd(target_programs=nsm * per_sm, tail_reduce=tail, tail_sub=sub, stages=st)
+                us = graph_time_us(fn, steps, flush)
                 pct = 100 * nbytes / (us * 1e-6) / 1e9 / copy_gbps
-                here.append(dict(N=N, dtype=dname, per_sm=per_sm, tail=tail, pdl=pdl, us=us, pct_copy=pct))
-                print(f"{dname:4s} N={N:5d} per_sm={per_sm} tail={tail!s:5s} pdl={pdl!s:5s} {us:8.1f} µs "
-                      f"{pct:5.1f}% of copy", flush=True)
+                levels = (3 if plan.NSG else 2) if tail else 0
+                here.append(dict(N=N, dtype=dname, per_sm=per_sm, stages=st, tail=tail,
+                                 tail_levels=levels, tail_sub=plan.SG, pdl=pdl, us=us, pct_copy=pct))
+                print(f"{dname:4s} N={N:5d} per_sm={per_sm} stages={st} tail={tail!s:5s} "
+                      f"levels={levels} sub={plan.SG:2d} pdl={pdl!s:5s} {us:8.1f} µs {pct:5.1f}% of copy", flush=True)
     return here
 
 
@@ -550,7 +572,8 @@ def host_overheads(device) -> dict:
 
 
 def diagnose(cases=((768, "bf16"), (4096, "bf16"), (4096, "fp32"))) -> None:
-    """Host overhead of each layer (tiny tensors), then per-kernel CUDA times at the benchmark shape."""
+    """Host overhead of each layer (tiny tensors), then per-kernel CUDA times at the benchmark shape, and
+    the benchmark's graph of forward + backward through autograd against the launchers alone."""
     from torch.profiler import ProfilerActivity, profile
 
     from gnsrepro.kernels.layer_norm import layer_norm_per_example
@@ -573,9 +596,52 @@ def diagnose(cases=((768, "bf16"), (4096, "bf16"), (4096, "fp32"))) -> None:
                 f()
             torch.cuda.synchronize()
         print(f"--- N={N} {dname}: back-to-back {_host_us(f, 20):.1f} µs/iter enqueue (GPU-bound if ≈ GPU sum)")
-        for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))[:5]:
-            dt = getattr(e, "device_time_total", 0) / max(e.count, 1)
-            print(f"   {e.key[:60]:60s} n={e.count:3d} {dt:8.1f} µs")
+        _print_kernels(prof)
+        _graph_paths(f, x, w, b, dy)
+
+
+def _print_kernels(prof, top: int = 5) -> None:
+    for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))[:top]:
+        dt = getattr(e, "device_time_total", 0) / max(e.count, 1)
+        print(f"   {e.key[:60]:60s} n={e.count:3d} {dt:8.1f} µs")
+
+
+def _graph_paths(f_autograd, x, w, b, dy, rounds: int = 3, steps: int = 50) -> None:
+    """The benchmark's CUDA-graph time of forward + backward through autograd (gB) against the same
+    launchers called directly, alternated, then each graph's kernels (profiled replays, L2 flushed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gnsrepro.kernels import layer_norm as K
+
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+
+    def f_launchers():
+        _, stats, _ = K.layer_norm_forward(xd, wd, bd, EPS)
+        return K.layer_norm_backward(dy, xd, wd, bd, stats)
+
+    _, flush, _ = _gpu()
+    graphs = {}
+    for name, fn in (("autograd", f_autograd), ("launchers", f_launchers)):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graphs[name] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[name]):
+            fn()
+    for r in range(rounds):
+        times = {name: time_us(g.replay, 2, steps, flush) for name, g in graphs.items()}
+        print(f"   graph round {r}: " + "  ".join(f"{k} {v:6.1f} µs" for k, v in times.items()), flush=True)
+    for name, g in graphs.items():
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                flush.zero_()
+                g.replay()
+            torch.cuda.synchronize()
+        print(f"   kernels of the {name} graph (10 replays, each after an L2 flush):")
+        _print_kernels(prof)
 
 
 if __name__ == "__main__":
@@ -592,6 +658,11 @@ if __name__ == "__main__":
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="hidden sizes, comma-separated")
     p.add_argument("--dtypes", default="bf16,fp32", help="--sweep-bwd, --variants: dtypes, comma-separated")
     p.add_argument("--jobs", type=int, default=1, help="--sweep-bwd: processes that compile the configurations first")
+    p.add_argument("--subs", default="0,-1",
+                   help="--variants: tail reduction's programs per subgroup, comma-separated (0: two levels; -1: auto)")
+    p.add_argument("--per-sms", default="1,2", help="--variants: backward programs per SM, comma-separated")
+    p.add_argument("--pdls", default="0,1", help="--variants: programmatic dependent launch off (0) / on (1)")
+    p.add_argument("--stages", default="table", help="--variants: the backward's pipeline stages (table, 0, 3, ...)")
     args = p.parse_args()
     dtypes = tuple(args.dtypes.split(","))
     if unknown := set(dtypes) - set(DTYPES):
@@ -601,7 +672,12 @@ if __name__ == "__main__":
     elif args.sweep_bwd:
         sweep_bwd(sizes=tuple(int(n) for n in args.sizes.split(",")), dtypes=dtypes, out=args.out, jobs=args.jobs)
     elif args.variants:
-        variants(sizes=tuple(int(n) for n in args.sizes.split(",")), dtypes=dtypes, out=args.out)
+        variants(
+            sizes=tuple(int(n) for n in args.sizes.split(",")), dtypes=dtypes, out=args.out,
+            subs=tuple(int(s) for s in args.subs.split(",")), per_sms=tuple(int(v) for v in args.per_sms.split(",")),
+            pdls=tuple(bool(int(v)) for v in args.pdls.split(",")),
+            stages=tuple(None if v == "table" else int(v) for v in args.stages.split(",")),
+        )
     elif args.sweep:
         sweep(sizes=tuple(int(n) for n in args.sizes.split(",")), out=args.out or os.environ.get("SWEEP_OUT"))
     else:

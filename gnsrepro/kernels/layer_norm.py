@@ -34,7 +34,8 @@ Kernels (one file, as DESIGN.md asks):
   |dβ_b|² in a fixed order, so results are deterministic run to run.
 - Or no reduce kernel (``tail_reduce``, ``_tail_reduce``): the last program of each group of backward
   programs to finish (the chunks of one example) sums the group's partials and squares them, and the
-  last group sums the groups' sums into dγ, dβ. One launch and one kernel boundary fewer, at the cost
+  last group sums the groups' sums into dγ, dβ (``tail_sub``: with a middle level of subgroups, which
+  shortens the longest chain of serial loads). One launch and one kernel boundary fewer, at the cost
   of a serial tail; the launch table says where that pays (small N), the launcher where it applies.
 No (B, N) or (B·T, N) tensor is written: per-example gradients exist only as fp32 register sums.
 With ``PDL = True`` the kernels are launched as programmatic dependent launches on sm90+ GPUs, so each
@@ -55,11 +56,11 @@ input's gradient in its own dtype), as inductor does when it fuses its own Layer
 Without it the kernel, an opaque op to inductor, costs an extra add kernel each way per LayerNorm.
 
 Speed (docs/benchmarks.md has the commands and full tables; one H100, torch 2.11, triton 3.6):
-8 × 2048 rows, forward + backward, device time (CUDA-graph replay) 0.41-0.61× PyTorch's at N = 768 ...
-8192 in bf16 and fp32, 69-93% of the measured copy bandwidth. Called eagerly, the Python host cost
+8 × 2048 rows, forward + backward, device time (CUDA-graph replay) 0.39-0.59× PyTorch's at N = 768 ...
+8192 in bf16 and fp32, 70-94% of the measured copy bandwidth. Called eagerly, the Python host cost
 (autograd.Function, two or three Triton launches, the autograd engine's device thread; about 0.27 ms per
 forward + backward on that machine, against about 0.15 ms for PyTorch's C++ path) dominates below
-N = 4096. In the compiled 111M GPT, gns=ln with this kernel takes 1.001-1.004× the step time of gns=off.
+N = 4096. In the compiled 111M GPT, gns=ln with this kernel takes 0.997-1.012× the step time of gns=off (five runs).
 """
 
 from __future__ import annotations
@@ -384,11 +385,13 @@ def _layer_norm_bwd_kernel(
     DRES,  # (M, N) gradient of the residual output s (HAS_DRES); a dummy pointer otherwise
     DX2,  # (M, N) dx again in the residual input's dtype (HAS_DX2); a dummy pointer otherwise
     PART,  # (K, P, N) fp32: per program, Σ dy ⊙ x̂ (and Σ dy) over its rows (MODE 2: program b*C + c);
-    #        with TAIL_REDUCE followed by (K, NGRP, N) fp32 for the groups' sums
+    #        with TAIL_REDUCE followed by (K, NGRP, N) fp32 for the groups' sums, then (TAIL_SUB)
+    #        (K, NGRP * NSG, N) for the subgroups' sums
     SQ,  # (NUM_EX, K) fp32: per-example |dγ_b|², |dβ_b|² (MODE 0 and 1; MODE 2 with TAIL_REDUCE only)
     DW,  # (N,) dγ, weight dtype (TAIL_REDUCE only)
     DB,  # (N,) dβ, bias dtype (TAIL_REDUCE and HAS_BIAS only)
-    CNT,  # (NGRP + 1,) int32, zero between launches: arrivals per group, then groups done (TAIL_REDUCE)
+    CNT,  # (NGRP + 1 + NGRP * NSG,) int32, zero between launches (TAIL_REDUCE): arrivals per group, groups
+    #       done, then (TAIL_SUB) arrivals per subgroup
     M,
     N,
     T,  # rows per example
@@ -399,12 +402,15 @@ def _layer_norm_bwd_kernel(
     R,  # MODE 0: rows per program; MODE 2: rows per chunk (both multiples of BLOCK_M)
     GP,  # TAIL_REDUCE: programs per group (MODE 2: C, a group is an example)
     NGRP,  # TAIL_REDUCE: groups
+    SG,  # TAIL_SUB: programs per subgroup
+    NSG,  # TAIL_SUB: subgroups per group (the last group may have fewer)
     HAS_BIAS: tl.constexpr,
     HAS_DRES: tl.constexpr,
     HAS_DX2: tl.constexpr,
     K: tl.constexpr,  # columns of SQ: 2 with a bias, else 1
     MODE: tl.constexpr,  # 0: T == 1, rows are examples; 1: G whole examples; 2: one chunk of one example
     TAIL_REDUCE: tl.constexpr,  # the last programs to finish sum the partials (no reduce kernel)
+    TAIL_SUB: tl.constexpr,  # TAIL_REDUCE over three levels: subgroups of SG programs within each group
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,  # TAIL_REDUCE: partial rows summed per load
@@ -459,7 +465,10 @@ def _layer_norm_bwd_kernel(
     if HAS_BIAS:
         tl.store(PART + P * N + part, tl.sum(tot_b, axis=0), mask=cmask)
     if TAIL_REDUCE:
-        _tail_reduce(PART, SQ, DW, DB, CNT, pid, N, P, GP, NGRP, cols, cmask, HAS_BIAS, K, MODE, BLOCK_R, BLOCK_N)
+        _tail_reduce(
+            PART, SQ, DW, DB, CNT, pid, N, P, GP, NGRP, SG, NSG, cols, cmask, HAS_BIAS, K, MODE, TAIL_SUB, BLOCK_R,
+            BLOCK_N,
+        )
 
 
 @triton.jit
@@ -497,44 +506,81 @@ def _load_rows(A, B, row_lo, rows, n_rows, N, cols, cmask, zeros, HAS_B: tl.cons
 
 @triton.jit
 def _tail_reduce(
-    PART, SQ, DW, DB, CNT, pid, N, P, GP, NGRP, cols, cmask,
-    HAS_BIAS: tl.constexpr, K: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    PART, SQ, DW, DB, CNT, pid, N, P, GP, NGRP, SG, NSG, cols, cmask,
+    HAS_BIAS: tl.constexpr, K: tl.constexpr, MODE: tl.constexpr, SUB: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """The backward's reduction without a second kernel: a two-level tree of "last to arrive" programs.
+    """The backward's reduction without a second kernel: a tree of "last to arrive" programs.
 
     Programs form NGRP groups of GP consecutive programs (MODE 2: the C chunks of one example). The last
     program of a group to store its partials (an atomic count per group) sums the group's partials, in
     program order, into the group's row; in MODE 2 that row is the example's whole dγ_b (and dβ_b), so
     it also writes |dγ_b|², |dβ_b|². The last group to finish sums the groups' rows into dγ and dβ.
+    With SUB, a group is first split into subgroups of SG programs (NSG per group at most): the last
+    of a subgroup sums its SG partials, and the group's last subgroup sums the subgroups' rows, so the
+    longest chain of serial loads is SG + NSG + NGRP rows instead of GP + NGRP.
     Nobody waits on anybody (no spinning, safe whatever the number of resident programs), and every
     sum runs in a fixed order, so results repeat bitwise. Each counter is reset by the program that
     saw it complete, ready for the next launch on the stream. Ordering: every thread's stores, a CTA
     barrier, then one gpu-scope acq_rel atomic (as CUTLASS's semaphore); readers load through L2.
     """
-    GPART = PART + K * P * N  # (K, NGRP, N): the groups' sums
+    GPART = PART + K * P * N  # (K, NGRP, N): the groups' sums, then (SUB) (K, NGRP * NSG, N) the subgroups'
     grp = pid // GP
     lo = grp * GP
     n = tl.minimum(GP, P - lo)
     tl.debug_barrier()
-    arrived = tl.atomic_add(CNT + grp, 1, sem="acq_rel", scope="gpu")
-    if arrived == n - 1:
-        gw, gb = _sum_rows(PART, PART + P * N, lo, n, N, cols, cmask, HAS_BIAS, BLOCK_R, BLOCK_N)
-        tl.store(GPART + grp * N + cols, gw, mask=cmask)
-        if MODE == 2:
-            tl.store(SQ + grp * K, tl.sum(gw * gw, axis=0))
-        if HAS_BIAS:
-            tl.store(GPART + (NGRP + grp) * N + cols, gb, mask=cmask)
-            if MODE == 2:
-                tl.store(SQ + grp * K + 1, tl.sum(gb * gb, axis=0))
-        tl.store(CNT + grp, 0)
-        tl.debug_barrier()
-        done = tl.atomic_add(CNT + NGRP, 1, sem="acq_rel", scope="gpu")
-        if done == NGRP - 1:
-            tw, tb = _sum_rows(GPART, GPART + NGRP * N, 0, NGRP, N, cols, cmask, HAS_BIAS, BLOCK_R, BLOCK_N)
-            tl.store(DW + cols, tw.to(DW.dtype.element_ty), mask=cmask)
+    if SUB:
+        SPART = GPART + K * NGRP * N
+        NS = NGRP * NSG
+        s = (pid - lo) // SG
+        slo = lo + s * SG
+        sid = grp * NSG + s
+        arrived = tl.atomic_add(CNT + NGRP + 1 + sid, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.minimum(SG, lo + n - slo) - 1:
+            sw, sb = _sum_rows(PART, PART + P * N, slo, tl.minimum(SG, lo + n - slo), N, cols, cmask, HAS_BIAS,
+                               BLOCK_R, BLOCK_N)
+            tl.store(SPART + sid * N + cols, sw, mask=cmask)
             if HAS_BIAS:
-                tl.store(DB + cols, tb.to(DB.dtype.element_ty), mask=cmask)
-            tl.store(CNT + NGRP, 0)
+                tl.store(SPART + (NS + sid) * N + cols, sb, mask=cmask)
+            tl.store(CNT + NGRP + 1 + sid, 0)
+            tl.debug_barrier()
+            n_sub = tl.cdiv(n, SG)
+            if tl.atomic_add(CNT + grp, 1, sem="acq_rel", scope="gpu") == n_sub - 1:
+                gw, gb = _sum_rows(SPART, SPART + NS * N, grp * NSG, n_sub, N, cols, cmask, HAS_BIAS, BLOCK_R,
+                                   BLOCK_N)
+                _group_done(GPART, SQ, DW, DB, CNT, grp, gw, gb, N, NGRP, cols, cmask, HAS_BIAS, K, MODE, BLOCK_R,
+                            BLOCK_N)
+    else:
+        arrived = tl.atomic_add(CNT + grp, 1, sem="acq_rel", scope="gpu")
+        if arrived == n - 1:
+            gw, gb = _sum_rows(PART, PART + P * N, lo, n, N, cols, cmask, HAS_BIAS, BLOCK_R, BLOCK_N)
+            _group_done(GPART, SQ, DW, DB, CNT, grp, gw, gb, N, NGRP, cols, cmask, HAS_BIAS, K, MODE, BLOCK_R,
+                        BLOCK_N)
+
+
+@triton.jit
+def _group_done(
+    GPART, SQ, DW, DB, CNT, grp, gw, gb, N, NGRP, cols, cmask,
+    HAS_BIAS: tl.constexpr, K: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """A group's sums gw (and gb) are complete: store them (MODE 2: and the example's squared norms); the
+    last group to get here sums the groups' rows into dγ and dβ."""
+    tl.store(GPART + grp * N + cols, gw, mask=cmask)
+    if MODE == 2:
+        tl.store(SQ + grp * K, tl.sum(gw * gw, axis=0))
+    if HAS_BIAS:
+        tl.store(GPART + (NGRP + grp) * N + cols, gb, mask=cmask)
+        if MODE == 2:
+            tl.store(SQ + grp * K + 1, tl.sum(gb * gb, axis=0))
+    tl.store(CNT + grp, 0)
+    tl.debug_barrier()
+    done = tl.atomic_add(CNT + NGRP, 1, sem="acq_rel", scope="gpu")
+    if done == NGRP - 1:
+        tw, tb = _sum_rows(GPART, GPART + NGRP * N, 0, NGRP, N, cols, cmask, HAS_BIAS, BLOCK_R, BLOCK_N)
+        tl.store(DW + cols, tw.to(DW.dtype.element_ty), mask=cmask)
+        if HAS_BIAS:
+            tl.store(DB + cols, tb.to(DB.dtype.element_ty), mask=cmask)
+        tl.store(CNT + NGRP, 0)
 
 
 @triton.jit
@@ -626,19 +672,21 @@ class _BwdConfig(NamedTuple):
     num_warps: int
     per_sm: int  # programs per SM: more put more loads in flight, but each writes its own partial sums
     tail: bool  # reduce the partial sums in the main kernel's last programs (no second kernel), where
-    #             each of its two levels reads at most _TAIL_MAX_BYTES (one program reads them)
+    #             each of its levels reads at most _TAIL_MAX_BYTES (one program reads them)
     depth: int  # tiles loaded ahead in registers (software prefetch): 1 or 2
     stages: int = 0  # > 0: for an even N, the compiler pipelines the loads over this many stages of
     #                  shared memory instead (_bwd_rows_pipelined); depth is then unused
     maxnreg: Optional[int] = None  # registers per thread at most (more programs fit on an SM)
+    tail_sub: bool = False  # the tail reduction over three levels where that saves loads: each group of
+    #                         programs first in subgroups (_subgroup; a shorter chain of loads, one more atomic)
 
 
 # By (BLOCK_N, bytes per element), from gnsrepro.benchmarks.layernorm: sweep() on an H200, then
-# sweep_bwd() and variants() on an H100 for BLOCK_N = 1024 in 16 bits (docs/benchmarks.md).
+# sweep_bwd() and variants() on an H100 for BLOCK_N = 1024 (docs/benchmarks.md).
 _BWD_CONFIG = {
-    (1024, 2): _BwdConfig(4, 4, 2, True, 1, stages=3), (2048, 2): _BwdConfig(2, 8, 2, False, 1),
+    (1024, 2): _BwdConfig(4, 4, 2, True, 1, stages=3, tail_sub=True), (2048, 2): _BwdConfig(2, 8, 2, False, 1),
     (4096, 2): _BwdConfig(1, 8, 2, False, 1), (8192, 2): _BwdConfig(1, 16, 2, False, 1),
-    (1024, 4): _BwdConfig(4, 4, 2, False, 1), (2048, 4): _BwdConfig(2, 16, 2, False, 1),
+    (1024, 4): _BwdConfig(4, 4, 2, True, 1, tail_sub=True), (2048, 4): _BwdConfig(2, 16, 2, False, 1),
     (4096, 4): _BwdConfig(2, 16, 2, False, 1), (8192, 4): _BwdConfig(1, 8, 2, False, 1),
 }
 _TAIL_MAX_BYTES = 256 << 10
@@ -720,6 +768,14 @@ def _tail_groups(mode: int, P: int, C: int, num_ex: int) -> tuple[int, int]:
     return gp, _cdiv(P, gp)
 
 
+def _subgroup(GP: int, block_r: int) -> int:
+    """Programs per subgroup for a group of GP: the fewest loads of block_r rows in a row (a subgroup's
+    then the group's), the smallest such size; 0 (two levels) unless that saves two loads or more."""
+    loads = {s: _cdiv(s, block_r) + _cdiv(_cdiv(GP, s), block_r) for s in range(2, GP)}
+    best = min(loads, key=lambda s: (loads[s], s), default=0)
+    return best if best and loads[best] + 2 <= _cdiv(GP, block_r) else 0
+
+
 class _BwdLaunch(NamedTuple):
     """Everything the backward launches need for one shape."""
 
@@ -729,7 +785,9 @@ class _BwdLaunch(NamedTuple):
     R: int  # MODE 0: rows per program; MODE 2: rows per chunk
     GP: int  # tail reduction: programs per group (1 without it)
     NGRP: int  # tail reduction: groups (1 without it)
-    work: int  # fp32 workspace elements: partial sums, then the groups' sums or the partial norms
+    SG: int  # tail reduction over three levels: programs per subgroup (1 without it)
+    NSG: int  # tail reduction over three levels: subgroups per group (0 without it)
+    work: int  # fp32 workspace elements: partial sums, then the groups' (and subgroups') sums or the partial norms
     main: dict  # the main kernel's constexprs and launch options
     reduce: Optional[tuple]  # (NG, NC, NB, has_sq, constexprs) of the reduce kernel; None with the tail
 
@@ -737,23 +795,32 @@ class _BwdLaunch(NamedTuple):
 @functools.lru_cache(maxsize=256)
 def _bwd_launch(
     num_ex: int, T: int, N: int, has_bias: bool, target: int, block_m: int, num_warps: int, tail: bool,
-    depth: int = 1, stages: int = 0, maxnreg: Optional[int] = None,
+    depth: int = 1, stages: int = 0, maxnreg: Optional[int] = None, sub: int = 0,
 ) -> _BwdLaunch:
-    """The plan for one shape (cached: Python arithmetic costs µs on every call)."""
+    """The plan for one shape (cached: Python arithmetic costs µs on every call).
+
+    sub: with the tail reduction, programs per subgroup of its middle level (-1: _subgroup's choice;
+    0 or ≥ GP: no middle level).
+    """
     K = 2 if has_bias else 1
     block_n = _next_pow2(N)
     mode, P, G, C, R, bm = _bwd_plan(num_ex, T, block_m, target)
     GP, NGRP = _tail_groups(mode, P, C, num_ex)
-    tail = tail and max(GP, NGRP) * K * N * 4 <= _TAIL_MAX_BYTES
+    block_r = max(1, min(8, 1024 * num_warps // block_n))  # tail reduction: partial rows per load
+    SG = (_subgroup(GP, block_r) if sub < 0 else sub) if tail else 0
+    NSG = _cdiv(GP, SG) if 1 < SG < GP else 0
+    most = max(SG, NSG, NGRP) if NSG else max(GP, NGRP)  # rows one program of the tail reduction reads
+    tail = tail and most * K * N * 4 <= _TAIL_MAX_BYTES
+    SG, NSG = (SG, NSG) if tail and NSG else (1, 0)
     main = dict(
-        HAS_BIAS=has_bias, K=K, MODE=mode, TAIL_REDUCE=tail, BLOCK_M=bm, BLOCK_N=block_n,
-        BLOCK_R=max(1, min(8, 1024 * num_warps // block_n)), DEPTH=depth, STAGES=stages if N % 2 == 0 else 0,
+        HAS_BIAS=has_bias, K=K, MODE=mode, TAIL_REDUCE=tail, TAIL_SUB=NSG > 0, BLOCK_M=bm, BLOCK_N=block_n,
+        BLOCK_R=block_r, DEPTH=depth, STAGES=stages if N % 2 == 0 else 0,
         num_warps=num_warps,
     )
     if maxnreg:
         main["maxnreg"] = maxnreg
     if tail:
-        return _BwdLaunch(P, G, C, R, GP, NGRP, K * (P + NGRP) * N, main, None)
+        return _BwdLaunch(P, G, C, R, GP, NGRP, SG, NSG, K * (P + NGRP + NGRP * NSG) * N, main, None)
     has_sq = mode == 2  # MODE 2 reduces (B, C, N) per example, then squares; otherwise sums (1, P, N)
     NG, NC = (num_ex, C) if has_sq else (1, P)
     block_n2 = min(block_n, 16)
@@ -765,7 +832,7 @@ def _bwd_launch(
         BLOCK_NB=_next_pow2(NB), num_warps=4,
     )
     work = K * P * N + (num_ex * K * NB if has_sq else 0)  # then (MODE 2) the (B, K, NB) partial norms
-    return _BwdLaunch(P, G, C, R, 1, 1, work, main, (NG, NC, NB, has_sq, reduce))
+    return _BwdLaunch(P, G, C, R, 1, 1, 1, 0, work, main, (NG, NC, NB, has_sq, reduce))
 
 
 _COUNTERS: dict = {}
@@ -838,7 +905,7 @@ def layer_norm_backward(
     dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: Tensor, *, ds: Optional[Tensor] = None,
     dx2_dtype: Optional[torch.dtype] = None, block_m: Optional[int] = None, num_warps: Optional[int] = None,
     target_programs: Optional[int] = None, tail_reduce: Optional[bool] = None, depth: Optional[int] = None,
-    stages: Optional[int] = None, maxnreg: Optional[int] = None,
+    stages: Optional[int] = None, maxnreg: Optional[int] = None, tail_sub: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
     """(dx, dweight, dbias or None, per-example squared norms (B, k) fp32, dx2 or None).
 
@@ -846,9 +913,10 @@ def layer_norm_backward(
     into dx. dx is in x's dtype; dx2_dtype, when given, asks for the same values once more in that
     dtype (the gradient of a residual input narrower than s), written by the same pass.
     block_m, num_warps, target_programs (about how many programs share the rows), tail_reduce (sum the
-    partials in the main kernel's last programs instead of a second kernel), depth (tiles loaded ahead
-    in registers, 1 or 2), stages (> 0: pipeline the loads through shared memory, even N only) and
-    maxnreg (registers per thread at most; 0: no cap) override the tuned launch configuration
+    partials in the main kernel's last programs instead of a second kernel), tail_sub (programs per
+    subgroup of the tail reduction's middle level; 0: two levels; -1: _subgroup's choice), depth (tiles
+    loaded ahead in registers, 1 or 2), stages (> 0: pipeline the loads through shared memory, even N
+    only) and maxnreg (registers per thread at most; 0: no cap) override the tuned launch configuration
     (_BWD_CONFIG), for the sweep and the tests.
     """
     N = x.shape[-1]
@@ -879,16 +947,18 @@ def layer_norm_backward(
     plan = _bwd_launch(
         num_ex, T, N, has_bias, target, block_m or cfg.block_m, num_warps or cfg.num_warps, tail_reduce,
         depth or cfg.depth, stages, cfg.maxnreg if maxnreg is None else maxnreg,
+        (-1 if cfg.tail_sub else 0) if tail_sub is None else tail_sub,
     )
     P = plan.P
     work = torch.empty(plan.work, dtype=torch.float32, device=dev)
     sq = torch.empty((num_ex, 2 if has_bias else 1), dtype=torch.float32, device=dev)
-    cnt = _counters(dev, plan.NGRP + 1)
+    cnt = _counters(dev, plan.NGRP + 1 + plan.NGRP * plan.NSG)
     pdl = _pdl(dev)
     _layer_norm_bwd_kernel[(P,)](
         x2, dy2, weight, stats, dx, ds2 if ds2 is not None else dx, dx2 if dx2 is not None else dx, work, sq,
         dw, db if has_bias else dw, cnt, M, N, T, num_ex, P, plan.G, plan.C, plan.R, plan.GP, plan.NGRP,
-        HAS_DRES=ds2 is not None, HAS_DX2=dx2 is not None, USE_PDL=pdl, launch_pdl=pdl, **plan.main,
+        plan.SG, plan.NSG, HAS_DRES=ds2 is not None, HAS_DX2=dx2 is not None, USE_PDL=pdl, launch_pdl=pdl,
+        **plan.main,
     )
     if plan.reduce is not None:
         NG, NC, NB, has_sq, consts = plan.reduce
