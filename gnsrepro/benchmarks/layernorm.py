@@ -73,22 +73,27 @@ def time_us(fn: Callable[[], object], warmup: int, steps: int, flush: Optional[t
     return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def capture(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph, after three warm-up calls on a side stream (as PyTorch's docs do)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def graph_time_us(fn: Callable[[], object], steps: int, flush: Optional[torch.Tensor] = None) -> float:
     """Median GPU time of fn replayed from a CUDA graph: the device work alone, no host overhead.
 
     NaN when fn cannot be captured.
     """
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return time_us(graph.replay, 2, steps, flush)
+        return time_us(capture(fn).replay, 2, steps, flush)
     except Exception as e:  # noqa: BLE001 - report, do not fail the eager numbers
         print(f"(CUDA graph capture failed: {type(e).__name__}: {e})")
         return float("nan")
@@ -620,17 +625,7 @@ def _graph_paths(f_autograd, x, w, b, dy, rounds: int = 3, steps: int = 50) -> N
         return K.layer_norm_backward(dy, xd, wd, bd, stats)
 
     _, flush, _ = _gpu()
-    graphs = {}
-    for name, fn in (("autograd", f_autograd), ("launchers", f_launchers)):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graphs[name] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[name]):
-            fn()
+    graphs = {"autograd": capture(f_autograd), "launchers": capture(f_launchers)}
     for r in range(rounds):
         times = {name: time_us(g.replay, 2, steps, flush) for name, g in graphs.items()}
         print(f"   graph round {r}: " + "  ".join(f"{k} {v:6.1f} µs" for k, v in times.items()), flush=True)
