@@ -603,6 +603,13 @@ def test_benchmarks_try_every_configuration_on_a_stub_device(monkeypatch, tmp_pa
         df.loc[first][["block_m", "num_warps", "stages"]].tolist()
     dv = L.variants(sizes=(34,), dtypes=("bf16",), steps=1)
     assert len(dv) == 8 and set(dv.pdl) == {False, True} and K.PDL is False
+    # longer examples on more SMs: 8 chunks per example, so subgroups of 2 give the tail a middle level
+    monkeypatch.setattr(L, "SEQ", 256)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(multi_processor_count=8, name="stub"))
+    dv = L.variants(sizes=(34,), dtypes=("bf16",), steps=1, per_sms=(2,), subs=(0, 2, 8), pdls=(False,))
+    assert dv.tail_levels.tolist() == [0, 2, 3] and dv.tail_sub.tolist() == [1, 1, 2]  # sub 8: the same as 0
+    monkeypatch.setattr(L, "SEQ", 8)
     # the benchmark itself: a parquet row per size and dtype, with the backward's launch configuration
     monkeypatch.setattr(L, "SIZES", (34, 1000))
     out = tmp_path / "ln.parquet"
