@@ -633,8 +633,9 @@ def test_precompile_reports_each_configuration_that_fails():
 def test_every_kernel_variant_compiles_for_sm90():
     """Lowering and ptxas for an H100, on any machine: what the interpreter cannot check (tests/sm90_compile.py).
 
-    The pipelined variants must really use the compiler's asynchronous copies (that is their point), and
-    the PDL variants the grid-dependency instructions.
+    The pipelined variants must really use the compiler's asynchronous copies (that is their point), of
+    16 bytes for 16-bit tensors where the shape allows, and the PDL variants the grid-dependency
+    instructions.
     """
     import json
     import subprocess
@@ -653,5 +654,8 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert {r["MODE"] for r in bwd} == {0, 1, 2} and {r["STAGES"] for r in bwd} == {0, 3}
     assert all(r["cp_async"] > 0 for r in bwd if r["STAGES"] > 0)
     assert all(r["cp_async"] == 0 for r in bwd if r["STAGES"] == 0)
+    # 16-bit x and dy at the benchmark shape: their tiles come as 16-byte copies (4 words of 2 values)
+    wide = [r for r in bwd if r["STAGES"] > 0 and r["x"] == r["dy"] != "fp32"]
+    assert wide and all(r["cp_async16"] >= 2 * r["STAGES"] for r in wide)
     assert all(r["griddepcontrol"] == r["USE_PDL"] for r in rows)
     assert {r["TAIL_SUB"] for r in bwd if r["TAIL_REDUCE"]} == {False, True}
