@@ -583,7 +583,7 @@ def diagnose(cases=((768, "bf16"), (4096, "bf16"), (4096, "fp32"))) -> None:
 
     from gnsrepro.kernels.layer_norm import layer_norm_per_example
 
-    device = _device("auto")
+    device, flush, _ = _gpu()
     for name, us in host_overheads(device).items():
         print(f"host {name:32s} {us:8.1f} µs/call", flush=True)
     for N, dname in cases:
@@ -602,7 +602,7 @@ def diagnose(cases=((768, "bf16"), (4096, "bf16"), (4096, "fp32"))) -> None:
             torch.cuda.synchronize()
         print(f"--- N={N} {dname}: back-to-back {_host_us(f, 20):.1f} µs/iter enqueue (GPU-bound if ≈ GPU sum)")
         _print_kernels(prof)
-        _graph_paths(f, x, w, b, dy)
+        _graph_paths(f, x, w, b, dy, flush)
 
 
 def _print_kernels(prof, top: int = 5) -> None:
@@ -611,7 +611,7 @@ def _print_kernels(prof, top: int = 5) -> None:
         print(f"   {e.key[:60]:60s} n={e.count:3d} {dt:8.1f} µs")
 
 
-def _graph_paths(f_autograd, x, w, b, dy, rounds: int = 3, steps: int = 50) -> None:
+def _graph_paths(f_autograd, x, w, b, dy, flush, rounds: int = 3, steps: int = 50) -> None:
     """The benchmark's CUDA-graph time of forward + backward through autograd (gB) against the same
     launchers called directly, alternated, then each graph's kernels (profiled replays, L2 flushed)."""
     from torch.profiler import ProfilerActivity, profile
@@ -624,7 +624,6 @@ def _graph_paths(f_autograd, x, w, b, dy, rounds: int = 3, steps: int = 50) -> N
         _, stats, _ = K.layer_norm_forward(xd, wd, bd, EPS)
         return K.layer_norm_backward(dy, xd, wd, bd, stats)
 
-    _, flush, _ = _gpu()
     graphs = {"autograd": capture(f_autograd), "launchers": capture(f_launchers)}
     for r in range(rounds):
         times = {name: time_us(g.replay, 2, steps, flush) for name, g in graphs.items()}
@@ -639,6 +638,16 @@ def _graph_paths(f_autograd, x, w, b, dy, rounds: int = 3, steps: int = 50) -> N
         _print_kernels(prof)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """argparse type: "1,2,3" -> (1, 2, 3)."""
+    return tuple(int(v) for v in text.split(","))
+
+
+def _stages_list(text: str) -> tuple[Optional[int], ...]:
+    """argparse type: "table,0,3" -> (None, 0, 3); "table" is the launch table's own stages."""
+    return tuple(None if v == "table" else int(v) for v in text.split(","))
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -650,14 +659,17 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None)
-    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="hidden sizes, comma-separated")
+    p.add_argument("--sizes", type=_int_list, default=SIZES, help="hidden sizes, comma-separated")
     p.add_argument("--dtypes", default="bf16,fp32", help="--sweep-bwd, --variants: dtypes, comma-separated")
     p.add_argument("--jobs", type=int, default=1, help="--sweep-bwd: processes that compile the configurations first")
-    p.add_argument("--subs", default="0,-1",
+    p.add_argument("--subs", type=_int_list, default=(0, -1),
                    help="--variants: tail reduction's programs per subgroup, comma-separated (0: two levels; -1: auto)")
-    p.add_argument("--per-sms", default="1,2", help="--variants: backward programs per SM, comma-separated")
-    p.add_argument("--pdls", default="0,1", help="--variants: programmatic dependent launch off (0) / on (1)")
-    p.add_argument("--stages", default="table", help="--variants: the backward's pipeline stages (table, 0, 3, ...)")
+    p.add_argument("--per-sms", type=_int_list, default=(1, 2),
+                   help="--variants: backward programs per SM, comma-separated")
+    p.add_argument("--pdls", type=_int_list, default=(0, 1),
+                   help="--variants: programmatic dependent launch off (0) / on (1)")
+    p.add_argument("--stages", type=_stages_list, default=(None,),
+                   help="--variants: the backward's pipeline stages (table, 0, 3, ...)")
     args = p.parse_args()
     dtypes = tuple(args.dtypes.split(","))
     if unknown := set(dtypes) - set(DTYPES):
@@ -665,15 +677,13 @@ if __name__ == "__main__":
     if args.diagnose:
         diagnose()
     elif args.sweep_bwd:
-        sweep_bwd(sizes=tuple(int(n) for n in args.sizes.split(",")), dtypes=dtypes, out=args.out, jobs=args.jobs)
+        sweep_bwd(sizes=args.sizes, dtypes=dtypes, out=args.out, jobs=args.jobs)
     elif args.variants:
         variants(
-            sizes=tuple(int(n) for n in args.sizes.split(",")), dtypes=dtypes, out=args.out,
-            subs=tuple(int(s) for s in args.subs.split(",")), per_sms=tuple(int(v) for v in args.per_sms.split(",")),
-            pdls=tuple(bool(int(v)) for v in args.pdls.split(",")),
-            stages=tuple(None if v == "table" else int(v) for v in args.stages.split(",")),
+            sizes=args.sizes, dtypes=dtypes, out=args.out, subs=args.subs, per_sms=args.per_sms,
+            pdls=tuple(bool(v) for v in args.pdls), stages=args.stages,
         )
     elif args.sweep:
-        sweep(sizes=tuple(int(n) for n in args.sizes.split(",")), out=args.out or os.environ.get("SWEEP_OUT"))
+        sweep(sizes=args.sizes, out=args.out or os.environ.get("SWEEP_OUT"))
     else:
         run(argparse.Namespace(device="auto", steps=args.steps, warmup=args.warmup, out=args.out))

@@ -535,10 +535,10 @@ def _tail_reduce(
         s = (pid - lo) // SG
         slo = lo + s * SG
         sid = grp * NSG + s
+        sn = tl.minimum(SG, lo + n - slo)  # programs in this subgroup (the group's last may be short)
         arrived = tl.atomic_add(CNT + NGRP + 1 + sid, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.minimum(SG, lo + n - slo) - 1:
-            sw, sb = _sum_rows(PART, PART + P * N, slo, tl.minimum(SG, lo + n - slo), N, cols, cmask, HAS_BIAS,
-                               BLOCK_R, BLOCK_N)
+        if arrived == sn - 1:
+            sw, sb = _sum_rows(PART, PART + P * N, slo, sn, N, cols, cmask, HAS_BIAS, BLOCK_R, BLOCK_N)
             tl.store(SPART + sid * N + cols, sw, mask=cmask)
             if HAS_BIAS:
                 tl.store(SPART + (NS + sid) * N + cols, sb, mask=cmask)
