@@ -47,7 +47,22 @@ def compile_one(fn, consts: dict, x: str, dy: str, ints: dict) -> dict:
     ptx = kernel.asm["ptx"]
     copies = [line for line in ptx.splitlines() if "cp.async.cg" in line or "cp.async.ca" in line]
     return dict(cp_async=len(copies), cp_async16=sum(", 0x10," in line for line in copies),
-                griddepcontrol="griddepcontrol" in ptx, shared=kernel.metadata.shared)
+                griddepcontrol="griddepcontrol" in ptx, pdl_order=_pdl_order(ptx), shared=kernel.metadata.shared)
+
+
+def _pdl_order(ptx: str) -> bool:
+    """With PDL: the wait comes before the first global load and the trigger after a global store (the
+    next kernel launches once this one's main work is done, not at its start)."""
+    lines = ptx.splitlines()
+
+    def first(*keys):
+        return next((i for i, line in enumerate(lines) if any(k in line for k in keys)), None)
+
+    wait, trigger = first("griddepcontrol.wait"), first("griddepcontrol.launch_dependents")
+    load, store = first("ld.global", "cp.async"), first("st.global")
+    if wait is None or trigger is None or load is None or store is None:
+        return False
+    return wait < load and store < trigger
 
 
 def variants():

@@ -476,19 +476,19 @@ def test_torch_compile_fullgraph_no_graph_break():
 # ---------------------------------------------------------------------------------------------- GPU
 
 
-@pytest.fixture(params=["base", "pdl_depth2", "pdl_tail_pipelined"])
+@pytest.fixture(params=["base", "nopdl_depth2", "tail_pipelined"])
 def launch_variant(request, monkeypatch):
-    """Each GPU test three times: the tuned launch table as it is; with programmatic dependent launch and
-    two tiles loaded ahead in registers (reduce kernel); with PDL, the loads pipelined through shared
-    memory and the tail reduction at every shape (not only where it is the faster choice), over three
-    levels where the table says two and two where it says three."""
+    """Each GPU test three times: the tuned launch table as it is (with programmatic dependent launch);
+    without PDL and with two tiles loaded ahead in registers (reduce kernel); the loads pipelined through
+    shared memory and the tail reduction at every shape (not only where it is the faster choice), over
+    three levels where the table says two and two where it says three."""
     cfg = {
         "base": dict(),
-        "pdl_depth2": dict(depth=2, tail=False),
-        "pdl_tail_pipelined": dict(stages=3, tail=True),
+        "nopdl_depth2": dict(depth=2, tail=False),
+        "tail_pipelined": dict(stages=3, tail=True),
     }[request.param]
-    flip = request.param == "pdl_tail_pipelined"
-    monkeypatch.setattr(K, "PDL", request.param != "base")
+    flip = request.param == "tail_pipelined"
+    monkeypatch.setattr(K, "PDL", request.param != "nopdl_depth2")
     monkeypatch.setattr(K, "_BWD_CONFIG", {
         k: c._replace(**cfg, **({"tail_sub": not c.tail_sub} if flip else {})) for k, c in K._BWD_CONFIG.items()
     })
@@ -559,7 +559,7 @@ def test_gpu_benchmark_shape_matches_torch_and_repeats_bitwise(N, launch_variant
     target = K._target_programs(x.device, cfg.per_sm)
     plan = K._bwd_launch(8, 2048, N, True, target, cfg.block_m, cfg.num_warps, cfg.tail, cfg.depth, cfg.stages,
                          cfg.maxnreg, -1 if cfg.tail_sub else 0)
-    if launch_variant == "pdl_tail_pipelined":  # the tail reduction did run at this shape, and its middle level
+    if launch_variant == "tail_pipelined":  # the tail reduction did run at this shape, and its middle level
         assert plan.reduce is None and (plan.NSG > 0) == cfg.tail_sub  # where the variant has one
     if launch_variant == "base" and N == 768 and target == 264:  # 132 SMs: three levels of 4, 8, 8 rows
         assert plan.reduce is None and (plan.GP, plan.NGRP, plan.SG, plan.NSG) == (32, 8, 4, 8)
@@ -602,7 +602,7 @@ def test_benchmarks_try_every_configuration_on_a_stub_device(monkeypatch, tmp_pa
     assert df.loc[df.phase == 2].iloc[0][["block_m", "num_warps", "stages"]].tolist() == \
         df.loc[first][["block_m", "num_warps", "stages"]].tolist()
     dv = L.variants(sizes=(34,), dtypes=("bf16",), steps=1)
-    assert len(dv) == 8 and set(dv.pdl) == {False, True} and K.PDL is False
+    assert len(dv) == 8 and set(dv.pdl) == {False, True} and K.PDL is True
     # longer examples on more SMs: 8 chunks per example, so subgroups of 2 give the tail a middle level
     monkeypatch.setattr(L, "SEQ", 256)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
@@ -635,7 +635,7 @@ def test_every_kernel_variant_compiles_for_sm90():
 
     The pipelined variants must really use the compiler's asynchronous copies (that is their point), of
     16 bytes for 16-bit tensors where the shape allows, and the PDL variants the grid-dependency
-    instructions.
+    instructions: the wait before any load, the trigger for the next kernel after the main work.
     """
     import json
     import subprocess
@@ -658,4 +658,5 @@ def test_every_kernel_variant_compiles_for_sm90():
     wide = [r for r in bwd if r["STAGES"] > 0 and r["x"] == r["dy"] != "fp32"]
     assert wide and all(r["cp_async16"] >= 2 * r["STAGES"] for r in wide)
     assert all(r["griddepcontrol"] == r["USE_PDL"] for r in rows)
+    assert all(r["pdl_order"] for r in rows if r["USE_PDL"])
     assert {r["TAIL_SUB"] for r in bwd if r["TAIL_REDUCE"]} == {False, True}

@@ -38,8 +38,9 @@ Kernels (one file, as DESIGN.md asks):
   shortens the longest chain of serial loads). One launch and one kernel boundary fewer, at the cost
   of a serial tail; the launch table says where that pays (small N), the launcher where it applies.
 No (B, N) or (B·T, N) tensor is written: per-example gradients exist only as fp32 register sums.
-With ``PDL = True`` the kernels are launched as programmatic dependent launches on sm90+ GPUs, so each
-one's programs are scheduled while the previous kernel finishes (``_pdl_begin``).
+On sm90+ GPUs the kernels are launched as programmatic dependent launches (``PDL``, on by default): each
+waits for the previous kernel's writes before its first load (``_pdl_wait``) and lets the next kernel
+launch once its own main work is done (``_pdl_trigger``), which hides the launch gap between them.
 
 Autograd: in eager mode a ``torch.autograd.Function`` (the cheapest on the host); under
 torch.compile the forward and backward are ``torch.library.custom_op``s with fake (meta) kernels and
@@ -60,7 +61,7 @@ Speed (docs/benchmarks.md has the commands and full tables; one H100, torch 2.11
 8192 in bf16 and fp32, 70-94% of the measured copy bandwidth. Called eagerly, the Python host cost
 (autograd.Function, two or three Triton launches, the autograd engine's device thread; about 0.27 ms per
 forward + backward on that machine, against about 0.15 ms for PyTorch's C++ path) dominates below
-N = 4096. In the compiled 111M GPT, gns=ln with this kernel takes 0.997-1.012× the step time of gns=off (five runs).
+N = 4096. In the compiled 111M GPT, gns=ln with this kernel takes 0.997-1.012× the step time of gns=off (six runs).
 """
 
 from __future__ import annotations
@@ -80,13 +81,21 @@ from torch import Tensor, nn
 
 
 @triton.jit
-def _pdl_begin(USE_PDL: tl.constexpr):
+def _pdl_wait(USE_PDL: tl.constexpr):
     """With programmatic dependent launch a kernel's programs may start before the previous kernel on
-    the stream has finished: wait here, before any load, until that kernel's writes are visible; then
-    let the next kernel launch at once (its programs take SMs as this one's finish and wait likewise in
-    their own _pdl_begin). Hides the launch gap between kernels."""
+    the stream has finished: wait here, before any load, until that kernel's writes are visible."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _pdl_trigger(USE_PDL: tl.constexpr):
+    """Let the next kernel on the stream launch once every program has passed here (or exited): its
+    programs then take SMs as this kernel's finish and wait in their own _pdl_wait, which hides the
+    launch gap. Called after a kernel's main work, not at its start: launched early, the next kernel's
+    programs would sit on SMs that this kernel's later programs need, and a persistent grid (the
+    backward) would be placed unevenly."""
+    if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -107,9 +116,9 @@ def _layer_norm_fwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # next power of two >= N: a whole row sits in registers
     DOWNCAST: tl.constexpr,  # Y narrower than fp32: round to nearest even, as torch's .to() does
-    USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (sm90+): see _pdl_begin
+    USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (sm90+): see _pdl_wait
 ):
-    _pdl_begin(USE_PDL)
+    _pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -140,6 +149,7 @@ def _layer_norm_fwd_kernel(
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(STATS + rows, mean, mask=rmask)
     tl.store(STATS + M + rows, rstd, mask=rmask)
+    _pdl_trigger(USE_PDL)
 
 
 @triton.jit
@@ -418,7 +428,7 @@ def _layer_norm_bwd_kernel(
     STAGES: tl.constexpr,  # > 0: even N, loads pipelined by the compiler over this many stages instead
     USE_PDL: tl.constexpr,
 ):
-    _pdl_begin(USE_PDL)
+    _pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -464,6 +474,7 @@ def _layer_norm_bwd_kernel(
     tl.store(PART + part, tl.sum(tot_w, axis=0), mask=cmask)
     if HAS_BIAS:
         tl.store(PART + P * N + part, tl.sum(tot_b, axis=0), mask=cmask)
+    _pdl_trigger(USE_PDL)  # the tail below runs on few programs: the next kernel may take the other SMs
     if TAIL_REDUCE:
         _tail_reduce(
             PART, SQ, DW, DB, CNT, pid, N, P, GP, NGRP, SG, NSG, cols, cmask, HAS_BIAS, K, MODE, TAIL_SUB, BLOCK_R,
@@ -604,7 +615,7 @@ def _layer_norm_bwd_reduce_kernel(
     BLOCK_NB: tl.constexpr,  # next power of two >= NB
     USE_PDL: tl.constexpr,
 ):
-    _pdl_begin(USE_PDL)
+    _pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -633,6 +644,7 @@ def _layer_norm_bwd_reduce_kernel(
     tl.store(DW + cols, tot_w.to(DW.dtype.element_ty), mask=cmask)
     if HAS_BIAS:
         tl.store(DB + cols, tot_b.to(DB.dtype.element_ty), mask=cmask)
+    _pdl_trigger(USE_PDL)
     if HAS_SQ:
         # The last program to finish adds up the column blocks' partial squared norms, in a fixed
         # order (deterministic). The usual semaphore: every thread's stores, a CTA barrier, then one
@@ -691,8 +703,10 @@ _BWD_CONFIG = {
 }
 _TAIL_MAX_BYTES = 256 << 10
 _CPU_TARGET_PROGRAMS = 4  # the interpreter runs programs one after another: a handful is plenty
-# Launch the kernels with programmatic dependent launch where the GPU has it (sm90+).
-PDL = False
+# Launch the kernels with programmatic dependent launch where the GPU has it (sm90+). Each kernel lets
+# the next one launch after its main work (_pdl_trigger): the launch gap is hidden and a persistent grid
+# is still placed evenly (docs/benchmarks.md: on an H100 0-1.5 µs fewer, and nothing slower).
+PDL = True
 
 
 def _cdiv(a: int, b: int) -> int:
