@@ -618,6 +618,42 @@ def test_benchmarks_try_every_configuration_on_a_stub_device(monkeypatch, tmp_pa
     assert table.rel_err_sq.max() < 1e-5 and table.bwd_block_m.notna().all()
 
 
+def test_fixed_costs_on_a_stub_device(monkeypatch):
+    """The fixed-cost benchmark's bookkeeping on CPU (interpreter): every kernel and PyTorch op is timed at
+    each row count, the line through the timings is fitted, and the backward's main kernel launched alone
+    gives the launcher's dx (it is the same launch, less the reduction)."""
+    from types import SimpleNamespace
+
+    import gnsrepro.benchmarks.layernorm as L
+
+    calls = []
+    monkeypatch.setattr(L, "_device", lambda name="auto": torch.device("cpu"))
+    # a stand-in timer: 10 µs fixed plus 1 µs per 8 rows of the tensors the last call wrote
+    monkeypatch.setattr(L, "graph_time_us",
+                        lambda f, steps, flush=None: calls.append(f()) or 10.0 + L.BATCH * seq[0] / 8)
+    monkeypatch.setattr(L, "copy_bandwidth_gbps", lambda device, *a, **k: 1.0)
+    monkeypatch.setattr(L, "BATCH", 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(multi_processor_count=2, name="stub"))
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(16, dtype=torch.uint8) if a == (256 << 20,)
+                        else real_empty(*a, **k))
+    seq = [0]
+    real_cases = L._cases
+    monkeypatch.setattr(L, "_cases", lambda *a, seq_=seq, **k: (seq_.__setitem__(0, k["seq"]), real_cases(*a, **k))[1])
+    df = L.fixed_costs(sizes=(34,), dtypes=("bf16",), seqs=(4, 12), steps=1)
+    assert len(df) == 2 and len(calls) == 2 * 7 and df.rows.tolist() == [8, 24]
+    for k, tensors in (("copy", 2), ("bwd", 3), ("fwd+bwd", 5)):  # 8 rows per µs of (tensors × 34 bf16) bytes
+        assert df[f"{k} fixed_us"].tolist() == pytest.approx([10.0, 10.0])
+        assert df[f"{k} steady_pct"].tolist() == pytest.approx([100 * tensors * 34 * 2 * 8 / 1e3] * 2)
+
+    x, w, b, dy, _ = real_cases(torch.device("cpu"), torch.bfloat16, 34, batch=2, seq=12)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    _, stats, _ = K.layer_norm_forward(x, w, b, 1e-5)
+    dx = K.layer_norm_backward(dy, x, w, b, stats)[0]
+    assert torch.equal(L._bwd_main_only(dy, x, w, b, stats), dx)
+
+
 def test_precompile_reports_each_configuration_that_fails():
     """The sweep's compile processes run each configuration once and hand back its error, in order."""
     import gnsrepro.benchmarks.layernorm as L

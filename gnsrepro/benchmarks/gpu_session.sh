@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work of a session in one script, for the device machine (torch 2.11 / triton 3.6, no registry).
 # Usage, from the project root, with .whl/ built by ../shared/device/wheelhouse.sh and carried along:
-#   bash gnsrepro/benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose variants sweepbwd sweep train overhead run111m small ddp)
+#   bash gnsrepro/benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose fixed variants sweepbwd sweep train overhead run111m small ddp)
 # Prints each command before running it; logs and parquet land in $OUT (or outputs/gpu-session).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -18,6 +18,8 @@ for stage in "$@"; do
     tests)     run python3 -m pytest -q -m gpu tests ;;
     layernorm) run python3 -m gnsrepro bench layernorm out=$OUT/layernorm.parquet ;;
     diagnose)  run python3 -m gnsrepro.benchmarks.layernorm --diagnose ;;
+    fixed)     run python3 -m gnsrepro.benchmarks.layernorm --fixed-costs --sizes ${SIZES:-768} --dtypes ${DTYPES:-bf16} \
+                 --seqs ${SEQS:-512,2048,8192} --out $OUT/fixed_costs.csv ;;
     variants)  run python3 -m gnsrepro.benchmarks.layernorm --variants --sizes ${SIZES:-768,1024,2048,4096,8192} \
                  --dtypes ${DTYPES:-bf16,fp32} --subs ${SUBS:-0,-1} --pdls ${PDLS:-0,1} --stages ${STAGES:-table} \
                  --per-sms ${PER_SMS:-1,2} --out $OUT/variants.csv ;;

@@ -638,6 +638,94 @@ def _graph_paths(f_autograd, x, w, b, dy, flush, rounds: int = 3, steps: int = 5
         _print_kernels(prof)
 
 
+def fixed_costs(
+    sizes=(768,), dtypes=("bf16",), seqs=(512, 2048, 8192), steps: int = 30, out: Optional[str] = None,
+) -> pd.DataFrame:
+    """Where a small LayerNorm's time goes, by rows (BATCH examples of T rows for each T in seqs).
+
+    Device time (CUDA graph, L2 flushed) of the forward, the backward, and the backward's main kernel
+    alone (_bwd_main_only), against PyTorch's copy (reads one tensor, writes one: the forward's bytes) and
+    add (reads two, writes one: the backward's) of the same tensors, and the forward + backward against
+    copy + add in one graph. A least-squares line over the row counts splits each into a fixed cost (the
+    intercept, µs) and a steady rate (the slope, as % of the 1 GiB copy bandwidth).
+    """
+    import numpy as np
+
+    device, flush, _ = _gpu()
+    copy_gbps = copy_bandwidth_gbps(device)
+    tensors = {"copy": 2, "add": 3, "copy+add": 5, "fwd": 2, "bwd": 3, "bwd main": 3, "fwd+bwd": 5}
+    rows = []
+    for dname in dtypes:
+        for N in sizes:
+            here = []
+            for T in seqs:
+                times = _fixed_cost_times(device, dname, N, T, steps, flush)
+                here.append(dict(N=N, dtype=dname, T=T, rows=BATCH * T, **times))
+                print(f"{dname} N={N} rows={BATCH * T:6d}: " + " ".join(f"{k} {v:.1f}" for k, v in times.items()),
+                      flush=True)
+            df = pd.DataFrame(here)
+            if len(df) > 1:
+                for k, n in tensors.items():
+                    slope, icpt = np.polyfit(df.rows, df[k], 1)
+                    rate = n * N * DTYPES[dname].itemsize / (slope * 1e-6) / 1e9  # bytes per row / µs per row
+                    print(f"  {dname} N={N} {k:9s} fixed {icpt:5.1f} µs  steady {100 * rate / copy_gbps:5.1f}% of copy",
+                          flush=True)
+                    df[f"{k} fixed_us"] = icpt
+                    df[f"{k} steady_pct"] = 100 * rate / copy_gbps
+            rows.append(df)
+    result = pd.concat(rows, ignore_index=True)
+    if out:
+        result.to_csv(out, index=False)
+    return result
+
+
+def _fixed_cost_times(device, dname: str, N: int, T: int, steps: int, flush) -> dict:
+    """fixed_costs' device times (µs) at BATCH examples of T rows."""
+    from gnsrepro.kernels import layer_norm as K
+
+    x, w, b, dy, _ = _cases(device, DTYPES[dname], N, seq=T)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    out = torch.empty_like(x)
+    y, stats, _ = K.layer_norm_forward(x, w, b, EPS)
+
+    def fwd_bwd():
+        y2, st, _ = K.layer_norm_forward(x, w, b, EPS)
+        return y2, K.layer_norm_backward(dy, x, w, b, st)
+
+    fns = {
+        "copy": lambda: out.copy_(x),
+        "add": lambda: torch.add(x, dy, out=out),
+        "copy+add": lambda: (out.copy_(x), torch.add(x, dy, out=out)),
+        "fwd": lambda: K.layer_norm_forward(x, w, b, EPS),
+        "bwd": lambda: K.layer_norm_backward(dy, y, w, b, stats),
+        "bwd main": lambda: _bwd_main_only(dy, y, w, b, stats),
+        "fwd+bwd": fwd_bwd,
+    }
+    return {k: graph_time_us(f, steps, flush) for k, f in fns.items()}
+
+
+def _bwd_main_only(dy, x, w, b, stats):
+    """The backward's main kernel alone, launched as layer_norm_backward launches it before a reduce kernel,
+    which is left out: dx is complete, dγ, dβ and the norms stay unreduced partial sums. With the launcher's
+    time, what the reduction after the main loop costs."""
+    from gnsrepro.kernels import layer_norm as K
+
+    B, T, N = x.shape
+    cfg = K._bwd_config(K._next_pow2(N), x.element_size())
+    plan = K._bwd_launch(B, T, N, True, K._target_programs(x.device, cfg.per_sm), cfg.block_m, cfg.num_warps,
+                         False, cfg.depth, cfg.stages, cfg.maxnreg, 0)
+    work = torch.empty(plan.work, dtype=torch.float32, device=x.device)
+    sq = torch.empty((B, 2), dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x)
+    pdl = K._pdl(x.device)
+    K._layer_norm_bwd_kernel[(plan.P,)](
+        x, dy, w, stats, dx, dx, dx, work, sq, w, b, K._counters(x.device, 1), B * T, N, T, B, plan.P, plan.G, plan.C,
+        plan.R, plan.GP, plan.NGRP, plan.SG, plan.NSG, HAS_DRES=False, HAS_DX2=False, USE_PDL=pdl, launch_pdl=pdl,
+        **plan.main,
+    )
+    return dx
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     """argparse type: "1,2,3" -> (1, 2, 3)."""
     return tuple(int(v) for v in text.split(","))
@@ -656,6 +744,9 @@ if __name__ == "__main__":
     p.add_argument("--diagnose", action="store_true")
     p.add_argument("--variants", action="store_true", help="tail reduction and PDL on/off, fwd+bwd device time")
     p.add_argument("--sweep-bwd", action="store_true", help="the backward's whole configuration, two phases")
+    p.add_argument("--fixed-costs", action="store_true",
+                   help="fixed cost and steady rate of each kernel, against PyTorch's copy and add, over row counts")
+    p.add_argument("--seqs", type=_int_list, default=(512, 2048, 8192), help="--fixed-costs: rows per example")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None)
@@ -676,6 +767,8 @@ if __name__ == "__main__":
         p.error(f"--dtypes: unknown {sorted(unknown)}; accepts {sorted(DTYPES)}")
     if args.diagnose:
         diagnose()
+    elif args.fixed_costs:
+        fixed_costs(sizes=args.sizes, dtypes=dtypes, seqs=args.seqs, out=args.out)
     elif args.sweep_bwd:
         sweep_bwd(sizes=args.sizes, dtypes=dtypes, out=args.out, jobs=args.jobs)
     elif args.variants:
