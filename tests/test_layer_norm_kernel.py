@@ -621,7 +621,7 @@ def test_benchmarks_try_every_configuration_on_a_stub_device(monkeypatch, tmp_pa
 def test_fixed_costs_on_a_stub_device(monkeypatch):
     """The fixed-cost benchmark's bookkeeping on CPU (interpreter): every kernel and PyTorch op is timed at
     each row count, the line through the timings is fitted, and the backward's main kernel launched alone
-    gives the launcher's dx (it is the same launch, less the reduction)."""
+    (partials_only) gives the launcher's dx: the same launch, less the reduction."""
     from types import SimpleNamespace
 
     import gnsrepro.benchmarks.layernorm as L
@@ -638,9 +638,14 @@ def test_fixed_costs_on_a_stub_device(monkeypatch):
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(16, dtype=torch.uint8) if a == (256 << 20,)
                         else real_empty(*a, **k))
-    seq = [0]
+    seq = [0]  # the rows per example of the case being timed
     real_cases = L._cases
-    monkeypatch.setattr(L, "_cases", lambda *a, seq_=seq, **k: (seq_.__setitem__(0, k["seq"]), real_cases(*a, **k))[1])
+
+    def cases(*a, **k):
+        seq[0] = k["seq"]
+        return real_cases(*a, **k)
+
+    monkeypatch.setattr(L, "_cases", cases)
     df = L.fixed_costs(sizes=(34,), dtypes=("bf16",), seqs=(4, 12), steps=1)
     assert len(df) == 2 and len(calls) == 2 * 7 and df.rows.tolist() == [8, 24]
     for k, tensors in (("copy", 2), ("bwd", 3), ("fwd+bwd", 5)):  # 8 rows per µs of (tensors × 34 bf16) bytes
@@ -651,7 +656,7 @@ def test_fixed_costs_on_a_stub_device(monkeypatch):
     x, w, b = x.detach(), w.detach(), b.detach()
     _, stats, _ = K.layer_norm_forward(x, w, b, 1e-5)
     dx = K.layer_norm_backward(dy, x, w, b, stats)[0]
-    assert torch.equal(L._bwd_main_only(dy, x, w, b, stats), dx)
+    assert torch.equal(K.layer_norm_backward(dy, x, w, b, stats, partials_only=True)[0], dx)
 
 
 def test_precompile_reports_each_configuration_that_fails():

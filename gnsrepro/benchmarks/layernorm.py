@@ -644,10 +644,11 @@ def fixed_costs(
     """Where a small LayerNorm's time goes, by rows (BATCH examples of T rows for each T in seqs).
 
     Device time (CUDA graph, L2 flushed) of the forward, the backward, and the backward's main kernel
-    alone (_bwd_main_only), against PyTorch's copy (reads one tensor, writes one: the forward's bytes) and
-    add (reads two, writes one: the backward's) of the same tensors, and the forward + backward against
-    copy + add in one graph. A least-squares line over the row counts splits each into a fixed cost (the
-    intercept, µs) and a steady rate (the slope, as % of the 1 GiB copy bandwidth).
+    alone (``partials_only``: no reduction after its loop), against PyTorch's copy (reads one tensor,
+    writes one: the forward's bytes) and add (reads two, writes one: the backward's) of the same
+    tensors, and the forward + backward against copy + add in one graph. A least-squares line over the
+    row counts splits each into a fixed cost (the intercept, µs) and a steady rate (the slope, as % of
+    the 1 GiB copy bandwidth).
     """
     import numpy as np
 
@@ -698,32 +699,10 @@ def _fixed_cost_times(device, dname: str, N: int, T: int, steps: int, flush) -> 
         "copy+add": lambda: (out.copy_(x), torch.add(x, dy, out=out)),
         "fwd": lambda: K.layer_norm_forward(x, w, b, EPS),
         "bwd": lambda: K.layer_norm_backward(dy, y, w, b, stats),
-        "bwd main": lambda: _bwd_main_only(dy, y, w, b, stats),
+        "bwd main": lambda: K.layer_norm_backward(dy, y, w, b, stats, partials_only=True),
         "fwd+bwd": fwd_bwd,
     }
     return {k: graph_time_us(f, steps, flush) for k, f in fns.items()}
-
-
-def _bwd_main_only(dy, x, w, b, stats):
-    """The backward's main kernel alone, launched as layer_norm_backward launches it before a reduce kernel,
-    which is left out: dx is complete, dγ, dβ and the norms stay unreduced partial sums. With the launcher's
-    time, what the reduction after the main loop costs."""
-    from gnsrepro.kernels import layer_norm as K
-
-    B, T, N = x.shape
-    cfg = K._bwd_config(K._next_pow2(N), x.element_size())
-    plan = K._bwd_launch(B, T, N, True, K._target_programs(x.device, cfg.per_sm), cfg.block_m, cfg.num_warps,
-                         False, cfg.depth, cfg.stages, cfg.maxnreg, 0)
-    work = torch.empty(plan.work, dtype=torch.float32, device=x.device)
-    sq = torch.empty((B, 2), dtype=torch.float32, device=x.device)
-    dx = torch.empty_like(x)
-    pdl = K._pdl(x.device)
-    K._layer_norm_bwd_kernel[(plan.P,)](
-        x, dy, w, stats, dx, dx, dx, work, sq, w, b, K._counters(x.device, 1), B * T, N, T, B, plan.P, plan.G, plan.C,
-        plan.R, plan.GP, plan.NGRP, plan.SG, plan.NSG, HAS_DRES=False, HAS_DX2=False, USE_PDL=pdl, launch_pdl=pdl,
-        **plan.main,
-    )
-    return dx
 
 
 def _int_list(text: str) -> tuple[int, ...]:

@@ -920,6 +920,7 @@ def layer_norm_backward(
     dx2_dtype: Optional[torch.dtype] = None, block_m: Optional[int] = None, num_warps: Optional[int] = None,
     target_programs: Optional[int] = None, tail_reduce: Optional[bool] = None, depth: Optional[int] = None,
     stages: Optional[int] = None, maxnreg: Optional[int] = None, tail_sub: Optional[int] = None,
+    partials_only: bool = False,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
     """(dx, dweight, dbias or None, per-example squared norms (B, k) fp32, dx2 or None).
 
@@ -931,7 +932,9 @@ def layer_norm_backward(
     subgroup of the tail reduction's middle level; 0: two levels; -1: _subgroup's choice), depth (tiles
     loaded ahead in registers, 1 or 2), stages (> 0: pipeline the loads through shared memory, even N
     only) and maxnreg (registers per thread at most; 0: no cap) override the tuned launch configuration
-    (_BWD_CONFIG), for the sweep and the tests.
+    (_BWD_CONFIG), for the sweep and the tests. partials_only: launch the main kernel alone, without
+    any reduction after its loop; dx is complete but dweight, dbias and the norms are left unset (the
+    fixed-cost benchmark times what that reduction costs).
     """
     N = x.shape[-1]
     num_ex = x.shape[0]
@@ -952,8 +955,7 @@ def layer_norm_backward(
             db.zero_()
         return dx, dw, db, torch.zeros(num_ex, 2 if has_bias else 1, dtype=torch.float32, device=dev), dx2
     cfg = _bwd_config(_next_pow2(N), x.element_size())
-    if tail_reduce is None:
-        tail_reduce = cfg.tail
+    tail_reduce = (cfg.tail if tail_reduce is None else tail_reduce) and not partials_only
     target = target_programs or _target_programs(dev, cfg.per_sm)
     stages = cfg.stages if stages is None else stages
     if stages and any(t.data_ptr() % 4 for t in (x2, dy2, ds2) if t is not None):
@@ -974,7 +976,7 @@ def layer_norm_backward(
         plan.SG, plan.NSG, HAS_DRES=ds2 is not None, HAS_DX2=dx2 is not None, USE_PDL=pdl, launch_pdl=pdl,
         **plan.main,
     )
-    if plan.reduce is not None:
+    if plan.reduce is not None and not partials_only:
         NG, NC, NB, has_sq, consts = plan.reduce
         KPN = consts["K"] * P * N
         _layer_norm_bwd_reduce_kernel[(NB,)](
