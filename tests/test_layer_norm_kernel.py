@@ -138,20 +138,24 @@ def test_examples_of_very_different_scale(dtype):
     ],
 )
 @pytest.mark.parametrize(
-    "tail,depth,stages,sub",
-    [(False, 1, 0, 0), (True, 1, 0, 0), (True, 2, 0, 0), (False, 1, 3, 0), (True, 1, 0, 2), (True, 1, 3, 3)],
-    ids=["reduce_kernel", "tail", "tail_depth2", "pipelined", "tail_sub2", "tail_sub3_pipelined"],
+    "tail,depth,stages,sub,rows",
+    [(False, 1, 0, 0, 0), (True, 1, 0, 0, 0), (True, 2, 0, 0, 0), (False, 1, 3, 0, 0), (True, 1, 0, 2, 0),
+     (True, 1, 3, 3, 0), (True, 1, 0, 2, 1), (True, 1, 0, 0, 2)],
+    ids=["reduce_kernel", "tail", "tail_depth2", "pipelined", "tail_sub2", "tail_sub3_pipelined", "tail_sub2_rows1",
+         "tail_rows2"],
 )
-def test_every_work_split_matches_reference(num_ex, T, N, block_m, target, mode, tail, depth, stages, sub):
+def test_every_work_split_matches_reference(num_ex, T, N, block_m, target, mode, tail, depth, stages, sub, rows):
     """The three ways rows are split over programs, forced through the launchers' tuning knobs, with the
     partial sums reduced by a second kernel or by the main kernel's last programs (over two levels, or
-    three: subgroups of `sub` programs, the last one short), loading one or two tiles ahead in
-    registers, or (even N) through the compiler's pipelined loads."""
+    three: subgroups of `sub` programs, the last one short; `rows` partial rows per load, 0 the
+    launcher's), loading one or two tiles ahead in registers, or (even N) through the compiler's
+    pipelined loads."""
     assert K._bwd_plan(num_ex, T, block_m, target)[0] == mode
     shape = (num_ex, T, N) if T > 1 else (num_ex, N)
     for bias in (True, False):
-        plan = K._bwd_launch(num_ex, T, N, bias, target, block_m, 4, tail, depth, stages, None, sub)
+        plan = K._bwd_launch(num_ex, T, N, bias, target, block_m, 4, tail, depth, stages, None, sub, rows)
         assert plan.main["TAIL_REDUCE"] == tail and (plan.reduce is None) == tail
+        assert not rows or plan.main["BLOCK_R"] == rows
         assert plan.main["TAIL_SUB"] == (plan.NSG > 0)
         assert plan.NSG == (K._cdiv(plan.GP, sub) if tail and 1 < sub < plan.GP else 0)
         assert plan.main["STAGES"] == (stages if N % 2 == 0 else 0)  # odd N: the register path
@@ -159,7 +163,7 @@ def test_every_work_split_matches_reference(num_ex, T, N, block_m, target, mode,
         y, stats, _ = K.layer_norm_forward(x, w, b, EPS, block_m=block_m)
         dx, dw, db, sq, _ = K.layer_norm_backward(
             dy, x, w, b, stats, block_m=block_m, target_programs=target, tail_reduce=tail, depth=depth, stages=stages,
-            tail_sub=sub,
+            tail_sub=sub, tail_rows=rows,
         )
         ry, rdx, rdw, rdb, rsw, rsb = layer_norm_per_example_reference(x, w, b, EPS, dy)
         assert rel(y, ry) < 1e-5 and rel(dx, rdx) < 1e-5 and rel(dw, rdw) < 1e-5
@@ -240,6 +244,8 @@ def test_tail_subgroups_where_they_shorten_the_chain_of_loads():
     assert K._subgroup(9, 8) == 0 and K._subgroup(2, 1) == 0
     assert K._bwd_launch(70, 1, 33, True, 70, 1, 4, True, 1, 0, None, -1).NSG == 0
     assert K._bwd_launch(70, 1, 33, True, 70, 1, 4, True, 1, 0, None, 0).NSG == 0
+    with pytest.raises(ValueError, match="tail_rows must be 0 or a power of two, got 3"):
+        K._bwd_launch(70, 1, 33, True, 70, 1, 4, True, 1, 0, None, 0, 3)
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (4, 33)], ids=["3d", "2d"])
@@ -607,8 +613,11 @@ def test_benchmarks_try_every_configuration_on_a_stub_device(monkeypatch, tmp_pa
     monkeypatch.setattr(L, "SEQ", 256)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda d: SimpleNamespace(multi_processor_count=8, name="stub"))
-    dv = L.variants(sizes=(34,), dtypes=("bf16",), steps=1, per_sms=(2,), subs=(0, 2, 8), pdls=(False,))
-    assert dv.tail_levels.tolist() == [0, 2, 3] and dv.tail_sub.tolist() == [1, 1, 2]  # sub 8: the same as 0
+    dv = L.variants(sizes=(34,), dtypes=("bf16",), steps=1, per_sms=(2,), subs=(0, 2, 8), pdls=(False,),
+                    tail_rows=(0, 1))
+    assert dv.tail_levels.tolist() == [0, 2, 2, 3, 3] and dv.tail_sub.tolist() == [1, 1, 1, 2, 2]  # sub 8: as 0
+    assert dv.tail_rows.tolist() == [0, 8, 1, 8, 1]  # 0: the launcher's 8 rows per load at N = 34
+    assert (dv.regs == -1).all()  # the interpreter compiles nothing: registers unknown
     monkeypatch.setattr(L, "SEQ", 8)
     # the benchmark itself: a parquet row per size and dtype, with the backward's launch configuration
     monkeypatch.setattr(L, "SIZES", (34, 1000))

@@ -22,7 +22,7 @@ for stage in "$@"; do
                  --seqs ${SEQS:-512,2048,8192} --out $OUT/fixed_costs.csv ;;
     variants)  run python3 -m gnsrepro.benchmarks.layernorm --variants --sizes ${SIZES:-768,1024,2048,4096,8192} \
                  --dtypes ${DTYPES:-bf16,fp32} --subs ${SUBS:-0,-1} --pdls ${PDLS:-0,1} --stages ${STAGES:-table} \
-                 --per-sms ${PER_SMS:-1,2} --out $OUT/variants.csv ;;
+                 --per-sms ${PER_SMS:-1,2} --tail-rows ${TAIL_ROWS:-0} --out $OUT/variants.csv ;;
     sweepbwd)  run python3 -m gnsrepro.benchmarks.layernorm --sweep-bwd --sizes ${SIZES:-768,1024} --dtypes ${DTYPES:-bf16,fp32} --jobs ${JOBS:-12} \
                  --out $OUT/sweep_bwd.csv ;;
     sweep)     run python3 -m gnsrepro.benchmarks.layernorm --sweep --out $OUT/sweep.csv ;;

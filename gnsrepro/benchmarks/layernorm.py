@@ -442,13 +442,15 @@ def sweep_bwd(
 
 def variants(
     sizes=SIZES, dtypes=("bf16", "fp32"), steps: int = 20, per_sms=(1, 2), out: Optional[str] = None, subs=(0, -1),
-    pdls=(False, True), stages=(None,),
+    pdls=(False, True), stages=(None,), tail_rows=(0,),
 ):
     """Forward + backward device time (CUDA graph) of the tuned launch configuration, with and without
     the backward's tail reduction (over two levels, and three where that differs) and programmatic
     dependent launch, at 1 and 2 backward programs per SM. subs: the tail reduction's programs per
     subgroup to try (0: two levels; -1: the launcher's choice; each only where it applies); stages:
-    the backward's pipeline stages to try (None: the table's; 0: loads in registers).
+    the backward's pipeline stages to try (None: the table's; 0: loads in registers); tail_rows: the
+    tail reduction's partial rows per load to try (0: the launcher's). Each line also gives the registers
+    and spills per thread of the backward kernel it ran (-1: unknown).
 
     The experiment behind the tail columns of _BWD_CONFIG and the PDL default. As in
     `gnsrepro bench layernorm`, y stays allocated through the backward (dx does not take its memory).
@@ -459,11 +461,12 @@ def variants(
     copy_gbps = copy_bandwidth_gbps(device)
     saved = K.PDL
     rows = []
+    regs: dict = {}  # (registers, spills) per thread of the backward kernel each launch compiled to
     try:
         for dname in dtypes:
             for N in sizes:
                 rows += _variants_one(
-                    device, dname, N, steps, flush, per_sms, copy_gbps, subs, pdls, stages
+                    device, dname, N, steps, flush, per_sms, copy_gbps, subs, pdls, stages, tail_rows, regs
                 )
                 if out:
                     pd.DataFrame(rows).to_csv(out, index=False)
@@ -474,6 +477,7 @@ def variants(
 
 def _variants_one(
     device, dname: str, N: int, steps: int, flush, per_sms, copy_gbps: float, subs, pdls, stages_opts,
+    tail_rows_opts=(0,), regs: Optional[dict] = None,
 ) -> list[dict]:
     from gnsrepro.kernels import layer_norm as K
 
@@ -492,28 +496,49 @@ def _variants_one(
         return f
 
     here = []
+    regs = {} if regs is None else regs  # a kernel compiled for an earlier size is not compiled again
     stages_opts = dict.fromkeys(cfg.stages if st is None else st for st in stages_opts)  # the table's, once
     for per_sm, st in itertools.product(per_sms, stages_opts):
         # the reduce kernel, then the tail reduction with each of `subs` (a middle level only where it applies)
         seen = set()
-        for tail, sub in [(False, 0)] + [(True, s) for s in subs]:
-            plan = K._bwd_launch(BATCH, SEQ, N, True, nsm * per_sm, bm, nw, tail, 1, 0, None, sub)
+        tails = [(True, s, r) for s in subs for r in tail_rows_opts]
+        for tail, sub, t_rows in [(False, 0, 0)] + tails:
+            plan = K._bwd_launch(BATCH, SEQ, N, True, nsm * per_sm, bm, nw, tail, 1, 0, None, sub, t_rows)
             if tail and plan.reduce is not None:
                 continue  # too much for one program: the launcher falls back to the reduce kernel
-            if (tail, plan.SG) in seen:
+            block_r = plan.main["BLOCK_R"] if tail else 0
+            if (tail, plan.SG, block_r) in seen:
                 continue  # the same launch as a row above (no middle level at this shape)
-            seen.add((tail, plan.SG))
+            seen.add((tail, plan.SG, block_r))
             for pdl in pdls:
                 K.PDL = pdl
-                fn = fwd_bwd(target_programs=nsm * per_sm, tail_reduce=tail, tail_sub=sub, stages=st)
+                fn = fwd_bwd(target_programs=nsm * per_sm, tail_reduce=tail, tail_sub=sub, stages=st, tail_rows=t_rows)
+                before = _compiled(K._layer_norm_bwd_kernel)
                 us = graph_time_us(fn, steps, flush)
+                # what selects the backward's compiled kernel here: its dtype and constexprs
+                key = (dname, K._next_pow2(N), tail, plan.NSG > 0, block_r, st, pdl)
+                new = [k for i, k in _compiled(K._layer_norm_bwd_kernel).items() if i not in before]
+                if len(new) == 1:
+                    regs[key] = (getattr(new[0], "n_regs", -1), getattr(new[0], "n_spills", -1))
+                n_regs, n_spills = regs.get(key, (-1, -1))
                 pct = 100 * nbytes / (us * 1e-6) / 1e9 / copy_gbps
                 levels = (3 if plan.NSG else 2) if tail else 0
-                here.append(dict(N=N, dtype=dname, per_sm=per_sm, stages=st, tail=tail,
-                                 tail_levels=levels, tail_sub=plan.SG, pdl=pdl, us=us, pct_copy=pct))
-                print(f"{dname:4s} N={N:5d} per_sm={per_sm} stages={st} tail={tail!s:5s} "
-                      f"levels={levels} sub={plan.SG:2d} pdl={pdl!s:5s} {us:8.1f} µs {pct:5.1f}% of copy", flush=True)
+                here.append(dict(N=N, dtype=dname, per_sm=per_sm, stages=st, tail=tail, tail_levels=levels,
+                                 tail_sub=plan.SG, tail_rows=block_r, pdl=pdl, us=us, pct_copy=pct, regs=n_regs,
+                                 spills=n_spills))
+                print(f"{dname:4s} N={N:5d} per_sm={per_sm} stages={st} tail={tail!s:5s} levels={levels} "
+                      f"sub={plan.SG:2d} rows={block_r:2d} pdl={pdl!s:5s} {us:8.1f} µs {pct:5.1f}% of copy "
+                      f"(bwd regs {n_regs}, spills {n_spills})", flush=True)
     return here
+
+
+def _compiled(kernel) -> dict:
+    """id -> compiled kernel, for every specialisation of a Triton kernel compiled so far in this process
+    (Triton's own per-device caches; empty where they are not there)."""
+    out = {}
+    for caches in getattr(kernel, "device_caches", {}).values():
+        out.update((id(k), k) for k in caches[0].values())
+    return out
 
 
 def _host_us(fn, iters: int = 200) -> float:
@@ -740,6 +765,8 @@ if __name__ == "__main__":
                    help="--variants: programmatic dependent launch off (0) / on (1)")
     p.add_argument("--stages", type=_stages_list, default=(None,),
                    help="--variants: the backward's pipeline stages (table, 0, 3, ...)")
+    p.add_argument("--tail-rows", type=_int_list, default=(0,),
+                   help="--variants: the tail reduction's partial rows per load, comma-separated (0: the launcher's)")
     args = p.parse_args()
     dtypes = tuple(args.dtypes.split(","))
     if unknown := set(dtypes) - set(DTYPES):
@@ -753,7 +780,7 @@ if __name__ == "__main__":
     elif args.variants:
         variants(
             sizes=args.sizes, dtypes=dtypes, out=args.out, subs=args.subs, per_sms=args.per_sms,
-            pdls=tuple(bool(v) for v in args.pdls), stages=args.stages,
+            pdls=tuple(bool(v) for v in args.pdls), stages=args.stages, tail_rows=args.tail_rows,
         )
     elif args.sweep:
         sweep(sizes=args.sizes, out=args.out or os.environ.get("SWEEP_OUT"))

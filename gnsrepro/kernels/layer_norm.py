@@ -809,18 +809,21 @@ class _BwdLaunch(NamedTuple):
 @functools.lru_cache(maxsize=256)
 def _bwd_launch(
     num_ex: int, T: int, N: int, has_bias: bool, target: int, block_m: int, num_warps: int, tail: bool,
-    depth: int = 1, stages: int = 0, maxnreg: Optional[int] = None, sub: int = 0,
+    depth: int = 1, stages: int = 0, maxnreg: Optional[int] = None, sub: int = 0, tail_rows: int = 0,
 ) -> _BwdLaunch:
     """The plan for one shape (cached: Python arithmetic costs µs on every call).
 
     sub: with the tail reduction, programs per subgroup of its middle level (-1: _subgroup's choice;
-    0 or ≥ GP: no middle level).
+    0 or ≥ GP: no middle level); tail_rows: partial rows per load of the tail reduction, a power of two
+    (0: rows of 32 fp32 per thread, at most 8).
     """
+    if tail_rows < 0 or tail_rows & (tail_rows - 1):
+        raise ValueError(f"tail_rows must be 0 or a power of two, got {tail_rows}")
     K = 2 if has_bias else 1
     block_n = _next_pow2(N)
     mode, P, G, C, R, bm = _bwd_plan(num_ex, T, block_m, target)
     GP, NGRP = _tail_groups(mode, P, C, num_ex)
-    block_r = max(1, min(8, 1024 * num_warps // block_n))  # tail reduction: partial rows per load
+    block_r = tail_rows or max(1, min(8, 1024 * num_warps // block_n))  # tail reduction: partial rows per load
     SG = (_subgroup(GP, block_r) if sub < 0 else sub) if tail else 0
     NSG = _cdiv(GP, SG) if 1 < SG < GP else 0
     most = max(SG, NSG, NGRP) if NSG else max(GP, NGRP)  # rows one program of the tail reduction reads
@@ -920,7 +923,7 @@ def layer_norm_backward(
     dx2_dtype: Optional[torch.dtype] = None, block_m: Optional[int] = None, num_warps: Optional[int] = None,
     target_programs: Optional[int] = None, tail_reduce: Optional[bool] = None, depth: Optional[int] = None,
     stages: Optional[int] = None, maxnreg: Optional[int] = None, tail_sub: Optional[int] = None,
-    partials_only: bool = False,
+    tail_rows: Optional[int] = None, partials_only: bool = False,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
     """(dx, dweight, dbias or None, per-example squared norms (B, k) fp32, dx2 or None).
 
@@ -929,7 +932,8 @@ def layer_norm_backward(
     dtype (the gradient of a residual input narrower than s), written by the same pass.
     block_m, num_warps, target_programs (about how many programs share the rows), tail_reduce (sum the
     partials in the main kernel's last programs instead of a second kernel), tail_sub (programs per
-    subgroup of the tail reduction's middle level; 0: two levels; -1: _subgroup's choice), depth (tiles
+    subgroup of the tail reduction's middle level; 0: two levels; -1: _subgroup's choice), tail_rows
+    (partial rows per load of the tail reduction), depth (tiles
     loaded ahead in registers, 1 or 2), stages (> 0: pipeline the loads through shared memory, even N
     only) and maxnreg (registers per thread at most; 0: no cap) override the tuned launch configuration
     (_BWD_CONFIG), for the sweep and the tests. partials_only: launch the main kernel alone, without
@@ -963,7 +967,7 @@ def layer_norm_backward(
     plan = _bwd_launch(
         num_ex, T, N, has_bias, target, block_m or cfg.block_m, num_warps or cfg.num_warps, tail_reduce,
         depth or cfg.depth, stages, cfg.maxnreg if maxnreg is None else maxnreg,
-        (-1 if cfg.tail_sub else 0) if tail_sub is None else tail_sub,
+        (-1 if cfg.tail_sub else 0) if tail_sub is None else tail_sub, tail_rows or 0,
     )
     P = plan.P
     work = torch.empty(plan.work, dtype=torch.float32, device=dev)
