@@ -5,6 +5,7 @@ and the kernel against torch.nn.functional.layer_norm's autograd. CPU runs the k
 interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are small; GPU tests are marked.
 """
 
+import math
 import os
 
 import pytest
@@ -621,10 +622,45 @@ def test_benchmarks_try_every_configuration_on_a_stub_device(monkeypatch, tmp_pa
     monkeypatch.setattr(L, "SEQ", 8)
     # the benchmark itself: a parquet row per size and dtype, with the backward's launch configuration
     monkeypatch.setattr(L, "SIZES", (34, 1000))
+    monkeypatch.setattr(L, "stream_time_us", lambda f, steps, flush: calls.append(f()) or float(len(calls)))
+    monkeypatch.setattr(L, "graph_launch_us", lambda device, flush: 3.0)
     out = tmp_path / "ln.parquet"
     table = L.run(SimpleNamespace(device="auto", out=str(out), steps=1, warmup=1))
     assert len(table) == 4 and out.exists()
     assert table.rel_err_sq.max() < 1e-5 and table.bwd_block_m.notna().all()
+    # each row's (a) then (b): graph, graph, stream, stream calls of the stand-in timer, numbered
+    assert (table.stream_torch_us == table.graph_torch_us + 2).all()
+    assert (table.stream_ratio == table.stream_triton_us / table.stream_torch_us).all()
+    assert (table.graph_launch_us == 3.0).all() and "sB%copy" in L.format_table(table)
+
+
+def test_stream_time_is_the_call_less_the_flush(monkeypatch):
+    """stream_time_us replays (flush, fn) and the flush alone; their difference is fn's time: here on a
+    stand-in clock where the flush takes 85 µs and fn 55 µs, and capture replays the function itself."""
+    from types import SimpleNamespace
+
+    import gnsrepro.benchmarks.layernorm as L
+
+    clock = [0.0]
+
+    def tick(us):
+        clock[0] += us
+
+    def timed(f, warmup, steps, flush=None):
+        start = clock[0]
+        f()
+        return clock[0] - start
+
+    flush = SimpleNamespace(zero_=lambda: tick(85.0))
+    monkeypatch.setattr(L, "capture", lambda f: SimpleNamespace(replay=f))
+    monkeypatch.setattr(L, "time_us", timed)
+    assert L.stream_time_us(lambda: tick(55.0), 5, flush) == 55.0
+
+    def fail(f):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(L, "capture", fail)
+    assert math.isnan(L.stream_time_us(lambda: tick(55.0), 5, flush))
 
 
 def test_fixed_costs_on_a_stub_device(monkeypatch):

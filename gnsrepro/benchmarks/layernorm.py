@@ -8,9 +8,14 @@ fp32 (x, dy, γ, β all in that dtype):
   (c) ``torch_pe``  what a user would write in plain PyTorch: F.layer_norm plus a hook on y that
                     recomputes x̂ in fp32 and reduces dy ⊙ x̂ and dy per example, then squares.
 
-Time: median over ``cfg.steps`` calls (after ``cfg.warmup`` untimed ones) of CUDA events around one
-forward + ``torch.autograd.grad`` call; a 256 MB buffer is zeroed before each call so that no input
-sits in L2 (50 MB on an H100).
+Time: median over ``cfg.steps`` calls (after ``cfg.warmup`` untimed ones); a 256 MB buffer is zeroed
+before each call so that no input sits in L2 (50 MB on an H100). Three ways:
+  eager   CUDA events around one forward + ``torch.autograd.grad`` call: below N = 4096 this is the
+          host's time (Python, autograd, launches), not the GPU's;
+  graph   the same call captured in a CUDA graph, events around its replay: device time plus the
+          graph's launch latency (``graph_launch_us``, a graph of one tiny kernel, a few µs);
+  stream  graphs of (flush, call) and (flush) alone, the difference of their replay times: the call's
+          device time right after another kernel, as a layer runs inside a training step.
 Bytes counted per forward+backward (PAPER.md, "The LayerNorm kernel"): forward 2·M·N·b (read x,
 write y) + backward 3·M·N·b (read x and dy, write dx), b = bytes per element. Not counted: γ, β and
 their gradients, the fp32 mean/rstd (8·M bytes each way), the kernel's fp32 partial sums (about
@@ -97,6 +102,35 @@ def graph_time_us(fn: Callable[[], object], steps: int, flush: Optional[torch.Te
     except Exception as e:  # noqa: BLE001 - report, do not fail the eager numbers
         print(f"(CUDA graph capture failed: {type(e).__name__}: {e})")
         return float("nan")
+
+
+def stream_time_us(fn: Callable[[], object], steps: int, flush: torch.Tensor, rounds: int = 3) -> float:
+    """Median GPU time of fn in the stream right after another kernel, as inside a training step.
+
+    Two CUDA graphs: the L2 flush then fn, and the flush alone; the difference of their replay times
+    (median over `rounds` runs of `steps`) is fn's time after the flush, without the graph's launch
+    latency, which graph_time_us counts in fn's time (a few µs: graph_launch_us). NaN when fn cannot
+    be captured.
+    """
+    try:
+        both = capture(lambda: (flush.zero_(), fn()))
+        alone = capture(flush.zero_)
+    except Exception as e:  # noqa: BLE001 - report, do not fail the eager numbers
+        print(f"(CUDA graph capture failed: {type(e).__name__}: {e})")
+        return float("nan")
+    t_both = statistics.median(time_us(both.replay, 2, steps) for _ in range(rounds))
+    t_alone = statistics.median(time_us(alone.replay, 2, steps) for _ in range(rounds))
+    return t_both - t_alone
+
+
+def graph_launch_us(device: torch.device, flush: torch.Tensor, steps: int = 50) -> float:
+    """What graph_time_us gives for a graph of one tiny kernel (a one-element add): mostly its launch.
+
+    Flushed before each call as graph_time_us is, which also keeps the GPU behind the host: back to back,
+    replays this short would time the host's launches instead.
+    """
+    one = torch.zeros(1, device=device)
+    return time_us(capture(lambda: one.add_(1)).replay, 3, steps, flush)
 
 
 def _gpu() -> tuple[torch.device, torch.Tensor, int]:
@@ -224,10 +258,14 @@ def _bench_one(device, dtype, N: int, warmup: int, steps: int, flush) -> dict:
     t_c = time_us(f_torch_pe, warmup, steps, flush)
     g_a = graph_time_us(f_torch, steps, flush)
     g_b = graph_time_us(f_triton, steps, flush)
+    s_a = stream_time_us(f_torch, steps, flush)
+    s_b = stream_time_us(f_triton, steps, flush)
     nbytes = 5 * M * N * x.element_size()
     return dict(
         graph_torch_us=g_a, graph_triton_us=g_b, graph_ratio=g_b / g_a,
         graph_triton_gbps=nbytes / (g_b * 1e-6) / 1e9,
+        stream_torch_us=s_a, stream_triton_us=s_b, stream_ratio=s_b / s_a,
+        stream_triton_gbps=nbytes / (s_b * 1e-6) / 1e9,
         B=BATCH, T=SEQ, rows=M, torch_us=t_a, triton_us=t_b, torch_pe_us=t_c, ratio_triton_torch=t_b / t_a,
         ratio_torch_pe_torch=t_c / t_a, bytes=nbytes, triton_gbps=nbytes / (t_b * 1e-6) / 1e9,
         torch_gbps=nbytes / (t_a * 1e-6) / 1e9, rel_err_dx=err_dx, rel_err_sq=err_sq,
@@ -254,6 +292,7 @@ def run(cfg) -> pd.DataFrame:
     }
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
     copy_gbps = copy_bandwidth_gbps(device)
+    meta["graph_launch_us"] = graph_launch_us(device, flush)
     rows = []
     for dname, dtype in DTYPES.items():
         for N in SIZES:
@@ -277,17 +316,24 @@ def format_table(df: pd.DataFrame) -> str:
         f"triton {m.triton}; {m.date}",
         f"copy bandwidth {m.copy_gbps:.0f} GB/s (1 GiB device copy, read+write); bytes counted 5*M*N*b "
         "(fwd: read x, write y; bwd: read x, dy, write dx)",
-        "(a) F.layer_norm  (b) Triton + per-example norms  (c) plain-PyTorch per-example; median µs, eager "
-        "(host overhead included); gA/gB: (a)/(b) replayed from a CUDA graph (device time alone)",
-        f"{'N':>6} {'dtype':>5} {'a_us':>8} {'b_us':>8} {'c_us':>8} {'b/a':>6} {'c/a':>6} {'b_GB/s':>7} "
-        f"{'%copy':>6} {'gA_us':>7} {'gB_us':>7} {'gB/gA':>6} {'gB%copy':>7} {'err_dx':>8} {'err_sq':>8}",
+        "(a) F.layer_norm  (b) Triton + per-example norms  (c) plain-PyTorch per-example; median µs, each call "
+        "after an L2 flush",
+        "  a, b, c: eager (host overhead included); gA, gB: replayed from a CUDA graph, timed from before its "
+        f"launch (a graph of one tiny kernel: {m.graph_launch_us:.1f} µs);",
+        "  sA, sB: device time in the stream right after another kernel, as in a training step (graphs of "
+        "flush + call less flush alone)",
+        f"{'N':>6} {'dtype':>5} {'a_us':>8} {'b_us':>8} {'c_us':>8} {'b/a':>6} {'c/a':>6} "
+        f"{'gA_us':>7} {'gB_us':>7} {'gB/gA':>6} {'gB%copy':>7} {'sA_us':>7} {'sB_us':>7} {'sB/sA':>6} "
+        f"{'sB%copy':>7} {'err_dx':>8} {'err_sq':>8}",
     ]
     for r in df.itertuples():
         lines.append(
             f"{r.N:>6} {r.dtype:>5} {r.torch_us:8.1f} {r.triton_us:8.1f} {r.torch_pe_us:8.1f} "
-            f"{r.ratio_triton_torch:6.2f} {r.ratio_torch_pe_torch:6.2f} {r.triton_gbps:7.0f} {r.pct_copy:6.1f} "
+            f"{r.ratio_triton_torch:6.2f} {r.ratio_torch_pe_torch:6.2f} "
             f"{r.graph_torch_us:7.1f} {r.graph_triton_us:7.1f} {r.graph_ratio:6.2f} "
-            f"{100 * r.graph_triton_gbps / r.copy_gbps:7.1f} {r.rel_err_dx:8.1e} {r.rel_err_sq:8.1e}"
+            f"{100 * r.graph_triton_gbps / r.copy_gbps:7.1f} {r.stream_torch_us:7.1f} {r.stream_triton_us:7.1f} "
+            f"{r.stream_ratio:6.2f} {100 * r.stream_triton_gbps / r.copy_gbps:7.1f} "
+            f"{r.rel_err_dx:8.1e} {r.rel_err_sq:8.1e}"
         )
     return "\n".join(lines)
 
@@ -611,6 +657,9 @@ def diagnose(cases=((768, "bf16"), (4096, "bf16"), (4096, "fp32"))) -> None:
     device, flush, _ = _gpu()
     for name, us in host_overheads(device).items():
         print(f"host {name:32s} {us:8.1f} µs/call", flush=True)
+    one = torch.zeros(1, device=device)
+    print(f"graph of one tiny kernel: {graph_launch_us(device, flush):.1f} µs by events (graph_launch_us), the "
+          f"kernel itself {_profiled_us(capture(lambda: one.add_(1)), flush):.2f} µs (torch.profiler)", flush=True)
     for N, dname in cases:
         x, w, b, dy, sink = _cases(device, DTYPES[dname], N)
 
@@ -628,6 +677,21 @@ def diagnose(cases=((768, "bf16"), (4096, "bf16"), (4096, "fp32"))) -> None:
         print(f"--- N={N} {dname}: back-to-back {_host_us(f, 20):.1f} µs/iter enqueue (GPU-bound if ≈ GPU sum)")
         _print_kernels(prof)
         _graph_paths(f, x, w, b, dy, flush)
+
+
+def _profiled_us(graph: torch.cuda.CUDAGraph, flush: torch.Tensor, replays: int = 10) -> float:
+    """Sum of the durations of a graph's kernels per replay (torch.profiler), each replay after an L2 flush:
+    the kernels of flush and replay, less those of the flush alone."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def total(fn) -> float:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                fn()
+            torch.cuda.synchronize()
+        return sum(getattr(e, "device_time_total", 0) for e in prof.key_averages()) / replays
+
+    return total(lambda: (flush.zero_(), graph.replay())) - total(flush.zero_)
 
 
 def _print_kernels(prof, top: int = 5) -> None:
@@ -661,6 +725,15 @@ def _graph_paths(f_autograd, x, w, b, dy, flush, rounds: int = 3, steps: int = 5
             torch.cuda.synchronize()
         print(f"   kernels of the {name} graph (10 replays, each after an L2 flush):")
         _print_kernels(prof)
+    def f_torch():
+        y = F.layer_norm(x, (x.shape[-1],), w, b, EPS)
+        return torch.autograd.grad(y, (x, w, b), dy)
+
+    for name, fn in (("triton, autograd", f_autograd), ("F.layer_norm", f_torch)):
+        g = capture(fn)
+        print(f"   {name}: graph {time_us(g.replay, 2, steps, flush):.1f} µs (gA, gB), its kernels' durations "
+              f"{_profiled_us(g, flush):.1f} µs, in the stream {stream_time_us(fn, steps, flush):.1f} µs (sA, sB)",
+              flush=True)
 
 
 def fixed_costs(
