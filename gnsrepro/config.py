@@ -117,6 +117,7 @@ class BenchConfig:
     micro_batch_size: int = 16
     steps: int = 20
     warmup: int = 5
+    rounds: int = 5  # overhead: the variants' timed steps in this many interleaved rounds
     compile: bool = True
     dtype: str = "auto"
     device: str = "auto"

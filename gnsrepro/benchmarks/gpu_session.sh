@@ -27,7 +27,7 @@ for stage in "$@"; do
                  --out $OUT/sweep_bwd.csv ;;
     sweep)     run python3 -m gnsrepro.benchmarks.layernorm --sweep --out $OUT/sweep.csv ;;
     train)     run python3 -m gnsrepro bench train model=111M micro_batch_size=16 ;;
-    overhead)  run python3 -m gnsrepro bench overhead model=111M micro_batch_size=16 steps=30 warmup=5 ;;
+    overhead)  run python3 -m gnsrepro bench overhead model=111M micro_batch_size=16 steps=60 rounds=5 warmup=5 ;;
     small)     run python3 -m gnsrepro train scale=small max_tokens=20000000 out_dir=$RUNS/small log_interval=20 \
                  checkpoint_interval=0
                cp $RUNS/small/gns.parquet "$OUT/small_gns.parquet"; cp $RUNS/small/metrics.parquet "$OUT/small_metrics.parquet" ;;

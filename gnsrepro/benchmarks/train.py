@@ -36,8 +36,9 @@ def _device(cfg) -> torch.device:
     return torch.device(cfg.device)
 
 
-def time_steps(cfg, gns_cfg, device: torch.device) -> dict:
-    """Median step time over cfg.steps steps (after cfg.warmup) of forward, backward, GNS and AdamW."""
+def _prepare(cfg, gns_cfg, device: torch.device):
+    """(step, model): one training step (forward, backward, gradient norms and clipping, the GNS
+    tracker, AdamW) on fixed random tokens, and the model it trains; nothing run yet."""
     from gnsrepro.config import OptimConfig
 
     torch.manual_seed(0)
@@ -68,23 +69,43 @@ def time_steps(cfg, gns_cfg, device: torch.device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(cfg.warmup):
-        step()
-    sync()
+    step.drain = tracker.drain if tracker is not None else (lambda: None)
+    return step, model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step, n: int, device: torch.device) -> list[float]:
+    """n step times in seconds, each step alone between two synchronisations."""
     times = []
-    for _ in range(cfg.steps):
+    for _ in range(n):
         t0 = time.perf_counter()
         step()
-        sync()
+        _sync(device)
         times.append(time.perf_counter() - t0)
-        if tracker is not None:
-            tracker.drain()  # outside the timed block: training fetches once per log interval
+        step.drain()  # outside the timed block: training fetches once per log interval
+    return times
+
+
+def _result(cfg, model, times: list[float], device: torch.device) -> dict:
     median = statistics.median(times)
+    seq_len = cfg.seq_len or cfg.model.block_size
     tok_s = cfg.micro_batch_size * seq_len / median
     peak = peak_flops(device)
     mfu = model.flops_per_token(seq_len) * tok_s / peak if peak else float("nan")
     return {"step_time_s": median, "tokens_per_s": tok_s, "mfu": mfu}
+
+
+def time_steps(cfg, gns_cfg, device: torch.device) -> dict:
+    """Median step time over cfg.steps steps (after cfg.warmup) of forward, backward, GNS and AdamW."""
+    step, model = _prepare(cfg, gns_cfg, device)
+    for _ in range(cfg.warmup):
+        step()
+    _sync(device)
+    return _result(cfg, model, _timed(step, cfg.steps, device), device)
 
 
 def _header(device: torch.device) -> str:
@@ -109,24 +130,61 @@ def bench_train(cfg) -> dict:
 
 
 def bench_overhead(cfg) -> list[dict]:
+    """Step time of each OVERHEAD_VARIANTS entry against gns=off.
+
+    With cfg.rounds > 1 every variant is built and warmed up (compiled) first; then each of cfg.rounds
+    rounds times cfg.steps // cfg.rounds steps of every variant, in an order rotated from round to
+    round, so that a drift of the GPU's clocks over the minutes of the run falls on every variant
+    alike. With rounds=1 the variants run one after another, one model in memory at a time (for
+    models too large to hold five copies). A variant's step time is the median of its timed steps.
+    """
     device = _device(cfg)
     seq_len = cfg.seq_len or cfg.model.block_size
+    if not 1 <= cfg.rounds <= cfg.steps:
+        raise ConfigError(f"rounds={cfg.rounds}: accepts 1 to steps={cfg.steps} (each round times at least one "
+                          "step of every variant)")
+    per_round = cfg.steps // cfg.rounds
     print(_header(device))
     print(f"bench overhead: model {cfg.model.name} | seq_len {seq_len} | micro-batch {cfg.micro_batch_size} | "
-          f"compile {cfg.compile} | median of {cfg.steps} steps after {cfg.warmup}")
+          f"compile {cfg.compile} | median of {per_round * cfg.rounds} steps per variant after {cfg.warmup}"
+          + (f", in {cfg.rounds} interleaved rounds" if cfg.rounds > 1 else ""), flush=True)
     results = []
-    for label, mode, method, backend in OVERHEAD_VARIANTS:
-        if backend == "triton" and device.type != "cuda":
-            continue
+
+    def build(label, mode, method, backend):
         g = copy.deepcopy(cfg.gns)
         g.mode, g.method, g.ln_backend = mode, method, backend
-        r = time_steps(cfg, g, device)
-        gc.collect()  # free this variant's model and compiled graphs before the next one
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        r["variant"] = label
-        results.append(r)
+        t0 = time.perf_counter()
+        step, model = _prepare(cfg, g, device)
+        for _ in range(cfg.warmup):
+            step()
+        _sync(device)
+        if cfg.rounds > 1:
+            print(f"  {label:<18} built and warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
+        return step, model
+
+    def report(label, model, times):
+        res = _result(cfg, model, times, device)
+        res["variant"] = label
+        results.append(res)
         base = results[0]["step_time_s"]
-        print(f"  {label:<18} step {1e3 * r['step_time_s']:8.1f} ms | {r['tokens_per_s']:>11,.0f} tokens/s | "
-              f"x{r['step_time_s'] / base:.3f} of gns=off", flush=True)
+        print(f"  {label:<18} step {1e3 * res['step_time_s']:8.1f} ms | {res['tokens_per_s']:>11,.0f} tokens/s | "
+              f"x{res['step_time_s'] / base:.3f} of gns=off", flush=True)
+
+    specs = [v for v in OVERHEAD_VARIANTS if not (v[3] == "triton" and device.type != "cuda")]
+    if cfg.rounds == 1:
+        for spec in specs:
+            step, model = build(*spec)
+            report(spec[0], model, _timed(step, cfg.steps, device))
+            del step, model
+            gc.collect()  # free this variant's model and compiled graphs before the next one
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        return results
+    built = [(spec[0], *build(*spec), []) for spec in specs]
+    for r in range(cfg.rounds):
+        k = r % len(built)
+        for _label, step, _, times in built[k:] + built[:k]:
+            times += _timed(step, per_round, device)
+    for label, _, model, times in built:
+        report(label, model, times)
     return results
