@@ -57,11 +57,12 @@ input's gradient in its own dtype), as inductor does when it fuses its own Layer
 Without it the kernel, an opaque op to inductor, costs an extra add kernel each way per LayerNorm.
 
 Speed (docs/benchmarks.md has the commands and full tables; one H100, torch 2.11, triton 3.6):
-8 × 2048 rows, forward + backward, device time (CUDA-graph replay) 0.39-0.59× PyTorch's at N = 768 ...
-8192 in bf16 and fp32, 70-94% of the measured copy bandwidth. Called eagerly, the Python host cost
-(autograd.Function, two or three Triton launches, the autograd engine's device thread; about 0.27 ms per
-forward + backward on that machine, against about 0.15 ms for PyTorch's C++ path) dominates below
-N = 4096. In the compiled 111M GPT, gns=ln with this kernel takes 0.997-1.012× the step time of gns=off (six runs).
+8 × 2048 rows, forward + backward, device time in the stream (as inside a training step) 0.37-0.59×
+PyTorch's at N = 768 ... 8192 in bf16 and fp32, 76-94.5% of the measured copy bandwidth. Called
+eagerly, the Python host cost (autograd.Function, two or three Triton launches, the autograd engine's
+device thread; 0.27-0.69 ms per forward + backward on that machine, varying from run to run, against
+about 0.15 ms for PyTorch's C++ path) dominates below N = 4096. In the compiled 111M GPT, gns=ln with
+this kernel takes 1.003-1.005× the step time of gns=off (`bench overhead`, variants interleaved).
 """
 
 from __future__ import annotations
