@@ -1,4 +1,4 @@
-"""`gnsrepro bench overhead` on CPU with the tiny model: the variants, their interleaved rounds, the checks."""
+"""`gnsrepro bench overhead` and `bench train` on CPU with the tiny model: variants, interleaved rounds, checks."""
 
 from pathlib import Path
 
@@ -65,3 +65,10 @@ def test_overhead_rounds_checked_before_any_compute(timed_calls):
     with pytest.raises(ConfigError, match=r"rounds=0: accepts 1 to steps=4"):
         B.bench_overhead(bench_cfg("steps=4", "rounds=0"))
     assert timed_calls == []
+
+
+def test_train_times_the_configured_model(capsys):
+    cfg = bench_cfg("target=train", "steps=2")
+    r = B.bench_train(cfg)
+    assert r["step_time_s"] > 0 and r["tokens_per_s"] == pytest.approx(2 * 16 / r["step_time_s"])
+    assert "bench train: model tiny | seq_len 16 | micro-batch 2 | compile False | gns=off" in capsys.readouterr().out
