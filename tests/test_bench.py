@@ -27,14 +27,14 @@ def timed_calls(monkeypatch):
     prepare, timed = B._prepare, B._timed
 
     def _prepare(cfg, g, device):
-        step, model = prepare(cfg, g, device)
+        step, drain, model = prepare(cfg, g, device)
         key = (g.mode, g.method, g.ln_backend)
         labels[id(step)] = next(label for label, *spec in B.OVERHEAD_VARIANTS if tuple(spec) == key)
-        return step, model
+        return step, drain, model
 
-    def _timed(step, n, device):
+    def _timed(step, drain, n, device):
         calls.append((labels[id(step)], n))
-        return timed(step, n, device)
+        return timed(step, drain, n, device)
 
     monkeypatch.setattr(B, "_prepare", _prepare)
     monkeypatch.setattr(B, "_timed", _timed)

@@ -37,8 +37,9 @@ def _device(cfg) -> torch.device:
 
 
 def _prepare(cfg, gns_cfg, device: torch.device):
-    """(step, model): one training step (forward, backward, gradient norms and clipping, the GNS
-    tracker, AdamW) on fixed random tokens, and the model it trains; nothing run yet."""
+    """(step, drain, model): one training step (forward, backward, gradient norms and clipping, the GNS
+    tracker, AdamW) on fixed random tokens, the tracker's fetch of its device-side sums (a no-op
+    without one), and the model it trains; nothing run yet."""
     from gnsrepro.config import OptimConfig
 
     torch.manual_seed(0)
@@ -69,8 +70,7 @@ def _prepare(cfg, gns_cfg, device: torch.device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step.drain = tracker.drain if tracker is not None else (lambda: None)
-    return step, model
+    return step, (tracker.drain if tracker is not None else (lambda: None)), model
 
 
 def _sync(device: torch.device) -> None:
@@ -78,7 +78,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(step, n: int, device: torch.device) -> list[float]:
+def _timed(step, drain, n: int, device: torch.device) -> list[float]:
     """n step times in seconds, each step alone between two synchronisations."""
     times = []
     for _ in range(n):
@@ -86,7 +86,7 @@ def _timed(step, n: int, device: torch.device) -> list[float]:
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-        step.drain()  # outside the timed block: training fetches once per log interval
+        drain()  # outside the timed block: training fetches once per log interval
     return times
 
 
@@ -99,13 +99,19 @@ def _result(cfg, model, times: list[float], device: torch.device) -> dict:
     return {"step_time_s": median, "tokens_per_s": tok_s, "mfu": mfu}
 
 
-def time_steps(cfg, gns_cfg, device: torch.device) -> dict:
-    """Median step time over cfg.steps steps (after cfg.warmup) of forward, backward, GNS and AdamW."""
-    step, model = _prepare(cfg, gns_cfg, device)
+def _warmed_up(cfg, gns_cfg, device: torch.device):
+    """_prepare's (step, drain, model) after cfg.warmup untimed steps (torch.compile compiles in the first)."""
+    step, drain, model = _prepare(cfg, gns_cfg, device)
     for _ in range(cfg.warmup):
         step()
     _sync(device)
-    return _result(cfg, model, _timed(step, cfg.steps, device), device)
+    return step, drain, model
+
+
+def time_steps(cfg, gns_cfg, device: torch.device) -> dict:
+    """Median step time over cfg.steps steps (after cfg.warmup) of forward, backward, GNS and AdamW."""
+    step, drain, model = _warmed_up(cfg, gns_cfg, device)
+    return _result(cfg, model, _timed(step, drain, cfg.steps, device), device)
 
 
 def _header(device: torch.device) -> str:
@@ -154,13 +160,10 @@ def bench_overhead(cfg) -> list[dict]:
         g = copy.deepcopy(cfg.gns)
         g.mode, g.method, g.ln_backend = mode, method, backend
         t0 = time.perf_counter()
-        step, model = _prepare(cfg, g, device)
-        for _ in range(cfg.warmup):
-            step()
-        _sync(device)
+        step, drain, model = _warmed_up(cfg, g, device)
         if cfg.rounds > 1:
             print(f"  {label:<18} built and warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
-        return step, model
+        return step, drain, model
 
     def report(label, model, times):
         res = _result(cfg, model, times, device)
@@ -173,9 +176,9 @@ def bench_overhead(cfg) -> list[dict]:
     specs = [v for v in OVERHEAD_VARIANTS if not (v[3] == "triton" and device.type != "cuda")]
     if cfg.rounds == 1:
         for spec in specs:
-            step, model = build(*spec)
-            report(spec[0], model, _timed(step, cfg.steps, device))
-            del step, model
+            step, drain, model = build(*spec)
+            report(spec[0], model, _timed(step, drain, cfg.steps, device))
+            del step, drain, model
             gc.collect()  # free this variant's model and compiled graphs before the next one
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -183,8 +186,8 @@ def bench_overhead(cfg) -> list[dict]:
     built = [(spec[0], *build(*spec), []) for spec in specs]
     for r in range(cfg.rounds):
         k = r % len(built)
-        for _label, step, _, times in built[k:] + built[:k]:
-            times += _timed(step, per_round, device)
-    for label, _, model, times in built:
+        for _label, step, drain, _, times in built[k:] + built[:k]:
+            times += _timed(step, drain, per_round, device)
+    for label, _, _, model, times in built:
         report(label, model, times)
     return results
