@@ -93,15 +93,20 @@ def capture(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
 
 
 def graph_time_us(fn: Callable[[], object], steps: int, flush: Optional[torch.Tensor] = None) -> float:
-    """Median GPU time of fn replayed from a CUDA graph: the device work alone, no host overhead.
-
-    NaN when fn cannot be captured.
+    """Median GPU time of fn replayed from a CUDA graph, timed from before the graph's launch: the device
+    work and that launch (graph_launch_us), no host overhead. NaN when fn cannot be captured.
     """
+    graphs = _capture_or_report(fn)
+    return time_us(graphs[0].replay, 2, steps, flush) if graphs else float("nan")
+
+
+def _capture_or_report(*fns: Callable[[], object]) -> Optional[list[torch.cuda.CUDAGraph]]:
+    """capture() of each fn, or None (with the reason printed) where one cannot be captured."""
     try:
-        return time_us(capture(fn).replay, 2, steps, flush)
+        return [capture(fn) for fn in fns]
     except Exception as e:  # noqa: BLE001 - report, do not fail the eager numbers
         print(f"(CUDA graph capture failed: {type(e).__name__}: {e})")
-        return float("nan")
+        return None
 
 
 def stream_time_us(fn: Callable[[], object], steps: int, flush: torch.Tensor, rounds: int = 3) -> float:
@@ -112,12 +117,10 @@ def stream_time_us(fn: Callable[[], object], steps: int, flush: torch.Tensor, ro
     latency, which graph_time_us counts in fn's time (a few µs: graph_launch_us). NaN when fn cannot
     be captured.
     """
-    try:
-        both = capture(lambda: (flush.zero_(), fn()))
-        alone = capture(flush.zero_)
-    except Exception as e:  # noqa: BLE001 - report, do not fail the eager numbers
-        print(f"(CUDA graph capture failed: {type(e).__name__}: {e})")
+    graphs = _capture_or_report(lambda: (flush.zero_(), fn()), flush.zero_)
+    if graphs is None:
         return float("nan")
+    both, alone = graphs
     t_both = statistics.median(time_us(both.replay, 2, steps) for _ in range(rounds))
     t_alone = statistics.median(time_us(alone.replay, 2, steps) for _ in range(rounds))
     return t_both - t_alone
@@ -228,6 +231,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def _torch_fwd_bwd(x, w, b, dy) -> Callable[[], object]:
+    """(a): F.layer_norm forward + autograd backward (dx, dγ, dβ)."""
+
+    def f():
+        y = F.layer_norm(x, (x.shape[-1],), w, b, EPS)
+        return torch.autograd.grad(y, (x, w, b), dy)
+
+    return f
+
+
 def _bench_one(device, dtype, N: int, warmup: int, steps: int, flush) -> dict:
     from gnsrepro.kernels.layer_norm import layer_norm_per_example, layer_norm_per_example_reference
 
@@ -235,9 +248,7 @@ def _bench_one(device, dtype, N: int, warmup: int, steps: int, flush) -> dict:
     M = BATCH * SEQ
     store: dict = {}
 
-    def f_torch():
-        y = F.layer_norm(x, (N,), w, b, EPS)
-        return torch.autograd.grad(y, (x, w, b), dy)
+    f_torch = _torch_fwd_bwd(x, w, b, dy)
 
     def f_triton():
         y = layer_norm_per_example(x, w, b, EPS, sink)
@@ -650,8 +661,6 @@ def host_overheads(device) -> dict:
 def diagnose(cases=((768, "bf16"), (4096, "bf16"), (4096, "fp32"))) -> None:
     """Host overhead of each layer (tiny tensors), then per-kernel CUDA times at the benchmark shape, and
     the benchmark's graph of forward + backward through autograd against the launchers alone."""
-    from torch.profiler import ProfilerActivity, profile
-
     from gnsrepro.kernels.layer_norm import layer_norm_per_example
 
     device, flush, _ = _gpu()
@@ -670,26 +679,29 @@ def diagnose(cases=((768, "bf16"), (4096, "bf16"), (4096, "fp32"))) -> None:
         for _ in range(3):
             f()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                f()
-            torch.cuda.synchronize()
+        prof = _profile(f)
         print(f"--- N={N} {dname}: back-to-back {_host_us(f, 20):.1f} µs/iter enqueue (GPU-bound if ≈ GPU sum)")
         _print_kernels(prof)
         _graph_paths(f, x, w, b, dy, flush)
 
 
+def _profile(fn: Callable[[], object], replays: int = 10):
+    """torch.profiler's CUDA events of `replays` calls of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            fn()
+        torch.cuda.synchronize()
+    return prof
+
+
 def _profiled_us(graph: torch.cuda.CUDAGraph, flush: torch.Tensor, replays: int = 10) -> float:
     """Sum of the durations of a graph's kernels per replay (torch.profiler), each replay after an L2 flush:
     the kernels of flush and replay, less those of the flush alone."""
-    from torch.profiler import ProfilerActivity, profile
 
     def total(fn) -> float:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(replays):
-                fn()
-            torch.cuda.synchronize()
-        return sum(getattr(e, "device_time_total", 0) for e in prof.key_averages()) / replays
+        return sum(getattr(e, "device_time_total", 0) for e in _profile(fn, replays).key_averages()) / replays
 
     return total(lambda: (flush.zero_(), graph.replay())) - total(flush.zero_)
 
@@ -702,9 +714,8 @@ def _print_kernels(prof, top: int = 5) -> None:
 
 def _graph_paths(f_autograd, x, w, b, dy, flush, rounds: int = 3, steps: int = 50) -> None:
     """The benchmark's CUDA-graph time of forward + backward through autograd (gB) against the same
-    launchers called directly, alternated, then each graph's kernels (profiled replays, L2 flushed)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    launchers called directly, alternated, then each graph's kernels (profiled replays, L2 flushed); last,
+    graph, kernel-duration and in-stream times of the autograd call and of F.layer_norm's."""
     from gnsrepro.kernels import layer_norm as K
 
     xd, wd, bd = x.detach(), w.detach(), b.detach()
@@ -718,19 +729,11 @@ def _graph_paths(f_autograd, x, w, b, dy, flush, rounds: int = 3, steps: int = 5
         times = {name: time_us(g.replay, 2, steps, flush) for name, g in graphs.items()}
         print(f"   graph round {r}: " + "  ".join(f"{k} {v:6.1f} µs" for k, v in times.items()), flush=True)
     for name, g in graphs.items():
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                flush.zero_()
-                g.replay()
-            torch.cuda.synchronize()
         print(f"   kernels of the {name} graph (10 replays, each after an L2 flush):")
-        _print_kernels(prof)
-    def f_torch():
-        y = F.layer_norm(x, (x.shape[-1],), w, b, EPS)
-        return torch.autograd.grad(y, (x, w, b), dy)
-
-    for name, fn in (("triton, autograd", f_autograd), ("F.layer_norm", f_torch)):
-        g = capture(fn)
+        _print_kernels(_profile(lambda g=g: (flush.zero_(), g.replay())))
+    f_torch = _torch_fwd_bwd(x, w, b, dy)
+    for name, fn, g in (("triton, autograd", f_autograd, graphs["autograd"]), ("F.layer_norm", f_torch, None)):
+        g = g or capture(fn)
         print(f"   {name}: graph {time_us(g.replay, 2, steps, flush):.1f} µs (gA, gB), its kernels' durations "
               f"{_profiled_us(g, flush):.1f} µs, in the stream {stream_time_us(fn, steps, flush):.1f} µs (sA, sB)",
               flush=True)

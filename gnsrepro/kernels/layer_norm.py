@@ -934,10 +934,10 @@ def layer_norm_backward(
     block_m, num_warps, target_programs (about how many programs share the rows), tail_reduce (sum the
     partials in the main kernel's last programs instead of a second kernel), tail_sub (programs per
     subgroup of the tail reduction's middle level; 0: two levels; -1: _subgroup's choice), tail_rows
-    (partial rows per load of the tail reduction), depth (tiles
-    loaded ahead in registers, 1 or 2), stages (> 0: pipeline the loads through shared memory, even N
-    only) and maxnreg (registers per thread at most; 0: no cap) override the tuned launch configuration
-    (_BWD_CONFIG), for the sweep and the tests. partials_only: launch the main kernel alone, without
+    (partial rows per load of the tail reduction), depth (tiles loaded ahead in registers, 1 or 2),
+    stages (> 0: pipeline the loads through shared memory, even N only) and maxnreg (registers per
+    thread at most; 0: no cap) override the tuned launch configuration (_BWD_CONFIG), for the sweep and
+    the tests. partials_only: launch the main kernel alone, without
     any reduction after its loop; dx is complete but dweight, dbias and the norms are left unset (the
     fixed-cost benchmark times what that reduction costs).
     """
