@@ -1,4 +1,9 @@
-"""GNS estimators on synthetic gradients whose |G|² and tr(Σ) are known, EMA smoothing, parameter groups."""
+"""GNS estimators on synthetic gradients whose |G|² and tr(Σ) are known, EMA smoothing, the outlier guard,
+parameter groups."""
+
+import copy
+import math
+import time
 
 import numpy as np
 import pandas as pd
@@ -7,7 +12,10 @@ import torch
 
 from gnsrepro.gns import (
     EMAGNS,
+    MAD_TO_SIGMA,
     PARAM_GROUPS,
+    HampelFilter,
+    OnlineHampelFilter,
     ema,
     gns_from_components,
     gns_table,
@@ -125,6 +133,237 @@ def test_emagns_matches_gns_from_components_per_key():
     assert isinstance(last["total"], float)
     for row, key in enumerate(("layernorm", "total")):
         assert last[key] == pytest.approx(gns_from_components(gtg[row], trsigma[row], 0.9)[-1])
+
+
+def ema_by_loop(values, alpha: float) -> np.ndarray:
+    """The EMA as documented, step by step: m ← α·m + (1−α)·x and the normaliser w ← α·w + (1−α) over
+    the non-NaN steps only (w = 1 − α^t, t of them), reported as m / w; a NaN step repeats the last."""
+    m = w = 0.0
+    out = []
+    for x in values:
+        if not math.isnan(x):
+            m, w = alpha * m + (1.0 - alpha) * x, alpha * w + (1.0 - alpha)
+        out.append(m / w if w > 0 else math.nan)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 0.99, 0.999])
+def test_ema_equals_the_loop_on_random_input_with_nan_steps(alpha):
+    rng = np.random.default_rng(3)
+    x = 3.0 + rng.standard_normal(500)
+    x[:3] = np.nan  # no measurement yet: NaN until the first one
+    x[rng.choice(np.arange(3, 500), 60, replace=False)] = np.nan  # gaps are skipped
+    expected = ema_by_loop(x, alpha)
+    assert np.isnan(expected[:3]).all() and np.isfinite(expected[3:]).all()
+    np.testing.assert_allclose(ema(x, alpha), expected, rtol=1e-12, atol=0)
+    series = pd.Series(x.astype(np.float32), index=np.arange(500) * 10, name="gtg")
+    smoothed = ema(series, alpha)
+    assert smoothed.dtype == np.float64 and smoothed.name == "gtg" and (smoothed.index == series.index).all()
+    np.testing.assert_allclose(smoothed, ema_by_loop(x.astype(np.float32).astype(np.float64), alpha), rtol=1e-12)
+    # several series at once are smoothed along the first axis (steps), each on its own
+    both = ema(np.stack([x, x[::-1]], axis=1), alpha)
+    np.testing.assert_allclose(both, np.stack([expected, ema_by_loop(x[::-1], alpha)], axis=1), rtol=1e-12)
+
+
+def test_ema_a_nan_step_is_skipped_by_hand():
+    # α = 0.5: the NaN step neither enters nor ages the average: [1, nan, 3] averages 1 and 3 as two
+    # consecutive steps, (0.5·1 + 3) / 1.5 = 7/3, and the NaN step repeats the average before it
+    np.testing.assert_allclose(ema([1.0, np.nan, 3.0], 0.5), [1.0, 1.0, 7.0 / 3.0])
+    assert ema(np.array([]), 0.9).shape == (0,)
+    with pytest.raises(ValueError, match="scalar"):
+        ema(3.0, 0.9)
+
+
+def test_ema_sweep_over_alphas_on_a_long_run_is_fast():
+    x = pd.Series(np.random.default_rng(4).standard_normal(100_000))
+    alphas = np.linspace(0.5, 0.999, 10)
+    start = time.perf_counter()
+    for alpha in alphas:
+        ema(x, alpha)
+    per_alpha = (time.perf_counter() - start) / len(alphas)
+    assert per_alpha < 0.1, f"{per_alpha:.3f} s per alpha on 100k steps"  # ~2 ms here; the old loop ~40 ms
+
+
+def test_hampel_filter_by_hand():
+    # window 5, at least 3 values of history, k = 2
+    guard = HampelFilter(window=5, n_sigmas=2.0, min_history=3)
+    x = np.array([1.0, 2.0, 9.0, 4.0, np.nan, 5.0, 100.0, -50.0])
+    out = guard.apply(x)
+    # steps 0-2 have fewer than 3 values behind them: unchanged, even the 9
+    np.testing.assert_array_equal(out[:3], x[:3])
+    # step 3: history 1, 2, 9: median 2, MAD median(1, 0, 7) = 1; bound 2 ± 2·1.4826 = [-0.9652, 4.9652]
+    assert out[3] == 4.0
+    assert np.isnan(out[4])  # NaN stays NaN and is no history
+    # step 5: history 1, 2, 9, 4 (NaN dropped): median 3, MAD median(2, 1, 6, 1) = 1.5; 5 is inside
+    assert out[5] == 5.0
+    # step 6: history 2, 9, 4, 5 (window of 5 steps, one NaN): median 4.5, MAD median(2.5, 4.5, 0.5, 0.5) = 1.5
+    assert out[6] == pytest.approx(4.5 + 2.0 * MAD_TO_SIGMA * 1.5)
+    # step 7: history 9, 4, 5, 100 (the raw 100, not its clipped value): median 7, MAD median(2, 3, 2, 93) = 2.5
+    assert out[7] == pytest.approx(7.0 - 2.0 * MAD_TO_SIGMA * 2.5)
+    series = guard.apply(pd.Series(x, index=np.arange(8) * 3, name="trsigma"))
+    assert series.name == "trsigma" and list(series.index) == list(np.arange(8) * 3)
+    np.testing.assert_array_equal(series.to_numpy(), out)
+
+
+@pytest.mark.parametrize("settings", [HampelFilter(), HampelFilter(window=7, n_sigmas=3.0, min_history=1),
+                                      HampelFilter(window=1, n_sigmas=1.0, min_history=1)])
+def test_hampel_filter_online_equals_offline_on_random_series_with_spikes(settings):
+    rng = np.random.default_rng(5)
+    n = 3000
+    x = 5.0 + rng.standard_t(df=3, size=n)  # heavy-tailed noise
+    x[1500:] += 20.0  # a level shift
+    spikes = rng.choice(n, 30, replace=False)
+    x[spikes] *= rng.choice([-1000.0, 1000.0], 30)
+    x[rng.choice(n, 100, replace=False)] = np.nan
+    x[[2200, 2210, 2600]] = [np.inf, -np.inf, np.inf]  # overflowed steps: the two paths must agree there too
+    offline = settings.apply(x)
+    assert np.count_nonzero((offline != x) & ~np.isnan(x)) >= 20  # the filter acted (the spikes, at least)
+    online = settings.online()
+    assert isinstance(online, OnlineHampelFilter)
+    stepwise = []
+    for step, value in enumerate(x):
+        if step == 1700:  # a checkpoint mid-run: a fresh filter continues from the saved history
+            resumed = OnlineHampelFilter(settings)
+            resumed.load_state_dict(copy.deepcopy(online.state_dict()))
+            online = resumed
+        stepwise.append(online.update(torch.tensor(value, dtype=torch.float64) if step % 2 else value))
+    np.testing.assert_array_equal(np.array(stepwise), offline)  # the same bits
+
+
+def test_hampel_filter_clips_the_injected_spikes_of_the_random_series():
+    rng = np.random.default_rng(6)
+    x = 5.0 + rng.standard_normal(2000)
+    spikes = np.arange(100, 2000, 97)
+    x[spikes] *= 1000.0
+    out = HampelFilter().apply(x)
+    # clipped to the bound, median + 5 estimated sigmas (σ = 1; its MAD estimate from 50 values has a
+    # relative standard error of about 0.23, so within ±50%)
+    assert ((out[spikes] > 5.0 + 5 * 0.5) & (out[spikes] < 5.0 + 5 * 1.5)).all()
+    others = np.setdiff1d(np.arange(2000), spikes)
+    assert (out[others] == x[others]).mean() > 0.999  # normal noise is (almost) never touched
+
+
+def test_hampel_filter_hardly_changes_unbiased_per_example_estimates(per_example_grads):
+    """The guard must not bias the estimators it protects (the docstring's claim): on 4000 steps of the
+    synthetic per-example estimates it clips under 0.1% of steps and moves each component's mean by
+    under 0.01% (here 1 of the 4000 |G|² steps, none of tr(Σ))."""
+    gtg, trsigma = estimates(per_example_grads, 1)
+    for raw in (gtg, trsigma):
+        guarded = HampelFilter().apply(raw)
+        assert (guarded != raw).mean() < 0.001
+        assert abs(guarded.mean() - raw.mean()) < 1e-4 * abs(raw.mean())
+
+
+def test_hampel_filter_rejects_bad_settings():
+    for kwargs, name in (({"window": 0}, "window"), ({"window": 2.5}, "window"), ({"n_sigmas": 0.0}, "n_sigmas"),
+                         ({"n_sigmas": math.inf}, "n_sigmas"), ({"min_history": 0}, "min_history"),
+                         ({"window": 10, "min_history": 11}, "min_history")):
+        with pytest.raises(ValueError, match=name):
+            HampelFilter(**kwargs)
+    with pytest.raises(ValueError, match="1-D"):
+        HampelFilter().apply(np.ones((4, 2)))
+
+
+# A constant true GNS of 50 / 5 = 10 with single-step noise of 20% on each component; α = 0.99 as in
+# the paper. The smoothed GNS then has a relative standard deviation of about √2·0.2·√((1−α)/(1+α)) ≈ 2%.
+TRUE_GTG_LEVEL, TRUE_TRSIGMA_LEVEL, STEPS, SPIKE_STEP = 5.0, 50.0, 1500, 600
+
+
+def noisy_components(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    gtg = TRUE_GTG_LEVEL * (1.0 + 0.2 * rng.standard_normal(STEPS))
+    trsigma = TRUE_TRSIGMA_LEVEL * (1.0 + 0.2 * rng.standard_normal(STEPS))
+    return gtg, trsigma
+
+
+def test_guard_keeps_the_smoothed_gns_at_the_truth_after_a_one_step_spike():
+    """The issue's failure: one example's huge gradient raises the mean per-example norm, so tr(Σ)
+    spikes (x1000 here) while |G|² does not; later one step's |G|² spikes too."""
+    gtg, trsigma = noisy_components(7)
+    trsigma[SPIKE_STEP] *= 1000.0
+    gtg[SPIKE_STEP + 300] *= 1000.0
+    truth = TRUE_TRSIGMA_LEVEL / TRUE_GTG_LEVEL
+    unguarded = gns_from_components(gtg, trsigma, 0.99)
+    guarded = gns_from_components(gtg, trsigma, 0.99, guard=HampelFilter())
+    relative = lambda gns: np.abs(gns / truth - 1.0)
+    after = slice(SPIKE_STEP, SPIKE_STEP + 100)
+    assert relative(unguarded[after]).min() > 2.0  # tripled and more, for 100 steps
+    assert relative(unguarded[SPIKE_STEP + 300:SPIKE_STEP + 400]).min() > 0.5  # the |G|² spike: under half
+    assert relative(guarded[200:]).max() < 0.1  # after the EMA's warm-up, within 10% of the truth throughout
+    # before the spike the guard changed (almost) nothing
+    np.testing.assert_allclose(guarded[200:SPIKE_STEP], unguarded[200:SPIKE_STEP], rtol=0.01)
+
+
+def test_guard_follows_a_genuine_level_shift_after_about_a_window():
+    gtg, trsigma = noisy_components(8)
+    shift = 700
+    trsigma[shift:] *= 3.0  # the GNS steps from 10 to 30 and stays there
+    settings = HampelFilter()
+    guarded_trsigma = settings.apply(trsigma)
+    clipped = np.flatnonzero(guarded_trsigma != trsigma)
+    assert len(clipped) > 0 and (clipped >= shift).all() and (clipped < shift + settings.window).all()
+    np.testing.assert_array_equal(guarded_trsigma[shift + settings.window:], trsigma[shift + settings.window:])
+    guarded = gns_from_components(gtg, trsigma, 0.99, guard=settings)
+    unguarded = gns_from_components(gtg, trsigma, 0.99)
+    late = slice(shift + 500, None)  # the EMA's own memory of the old level has faded (0.99^500 < 1%)
+    assert np.abs(guarded[late] / 30.0 - 1.0).max() < 0.1
+    np.testing.assert_allclose(guarded[late], unguarded[late], rtol=0.01)
+
+
+def test_emagns_with_guard_matches_gns_from_components_and_resumes_from_its_state_dict():
+    gtg, trsigma = noisy_components(9)
+    trsigma[[300, 800]] *= 1000.0
+    gtg[[500]] *= -1000.0
+    gtg[[40, 41, 900]] = np.nan  # a missing component is skipped, as ema skips it
+    trsigma[[41, 1200]] = np.nan
+    settings = HampelFilter()
+    expected = {"total": gns_from_components(gtg, trsigma, 0.99, guard=settings),
+                "layernorm": gns_from_components(gtg[::-1], trsigma[::-1], 0.99, guard=settings)}
+    running = EMAGNS(0.99, guard=settings)
+    got = {"total": [], "layernorm": []}
+    for step in range(STEPS):
+        if step == 1000:  # a checkpoint mid-run (train.py saves state_dict() with torch.save)
+            resumed = EMAGNS(0.99, guard=settings)
+            resumed.load_state_dict(copy.deepcopy(running.state_dict()))
+            running = resumed
+        got["total"].append(running.update("total", gtg[step], trsigma[step]))
+        got["layernorm"].append(running.update("layernorm", gtg[::-1][step], torch.tensor(trsigma[::-1][step])))
+    for key in got:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-10)
+    truth = TRUE_TRSIGMA_LEVEL / TRUE_GTG_LEVEL
+    assert np.abs(np.array(got["total"][200:]) / truth - 1.0).max() < 0.1
+
+
+def test_emagns_loads_a_state_dict_of_the_old_format():
+    """Checkpoints written before the guard held (steps, m_gtg, m_trsigma) per key and no guard state."""
+    gtg, trsigma = noisy_components(10)
+    alpha, split = 0.9, 50
+    m_gtg = m_trsigma = 0.0
+    for step in range(split):  # the old EMAGNS.update, by hand
+        m_gtg = alpha * m_gtg + (1 - alpha) * gtg[step]
+        m_trsigma = alpha * m_trsigma + (1 - alpha) * trsigma[step]
+    old_state = {"alpha": alpha, "state": {"total": (split, m_gtg, m_trsigma)}}
+    plain, guarded = EMAGNS(alpha), EMAGNS(alpha, guard=HampelFilter())
+    plain.load_state_dict(old_state)
+    guarded.load_state_dict(old_state)
+    for step in range(split, 200):
+        last_plain = plain.update("total", gtg[step], trsigma[step])
+        last_guarded = guarded.update("total", gtg[step], trsigma[step])
+    assert last_plain == pytest.approx(gns_from_components(gtg[:200], trsigma[:200], alpha)[-1], rel=1e-12)
+    # the guard starts with no history at the resume: the first steps pass, then it guards what follows
+    steps_guarded = lambda c: np.concatenate([c[:split], HampelFilter().apply(c[split:200])])
+    expected = gns_from_components(steps_guarded(gtg), steps_guarded(trsigma), alpha)[-1]
+    assert last_guarded == pytest.approx(expected, rel=1e-12)
+
+
+def test_gns_table_passes_the_guard_to_each_series():
+    gtg, trsigma = noisy_components(11)
+    trsigma[SPIKE_STEP] *= 1000.0
+    df = pd.DataFrame({"step": np.arange(STEPS), "group": "total", "source": "per_example", "gtg": gtg,
+                       "trsigma": trsigma, "b_big": 8, "b_small": 1, "sqnorm_big": 1.0, "sqnorm_small": 2.0})
+    table = gns_table(df, alpha=0.99, guard=HampelFilter())
+    np.testing.assert_allclose(table["gns_ema"], gns_from_components(gtg, trsigma, 0.99, guard=HampelFilter()))
+    assert not np.allclose(table["gns_ema"], gns_table(df, alpha=0.99)["gns_ema"])
 
 
 def test_group_of_covers_every_gpt_parameter():
