@@ -9,7 +9,7 @@ right after composition, also before any work.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -60,11 +60,41 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Batch size (sequences per optimizer step), asked for at every step."""
+    """Batch size (sequences per optimizer step), asked for at every step; each schedule has its own class."""
 
-    name: str = "constant"  # constant
-    batch_size: int = 8
+    name: str = "constant"  # constant | linear | gns
+    batch_size: int = 8  # constant: the batch; linear and gns: the largest batch they may ask for
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    lr_scaling: str = "none"  # none | sqrt | linear: lr x (batch / lr_reference_batch)^(0, 1/2, 1)
+    lr_reference_batch: Optional[int] = None  # default: batch_size
+
+
+@dataclass
+class LinearScheduleConfig(ScheduleConfig):
+    """The paper's ramp: from `start` to `batch_size` sequences, linearly in tokens over `ramp_tokens`."""
+
+    name: str = "linear"
+    start: Optional[int] = None  # default: one micro-batch on every rank
+    ramp_tokens: Optional[int] = None  # default: the whole run (max_tokens)
+
+
+@dataclass
+class GNSScheduleConfig(ScheduleConfig):
+    """The batch follows the smoothed GNS measured while training (docs/schedules.md)."""
+
+    name: str = "gns"
+    min_batch_size: Optional[int] = None  # default: one micro-batch on every rank; also the first batch
+    multiplier: float = 1.0  # batch = multiplier x GNS (x total_ratio)
+    source: str = "per_example"  # per_example | microbatch | ddp
+    group: str = "layernorm"  # the gns.parquet group whose GNS drives the batch
+    total_ratio: Optional[float] = None  # e.g. a fitted total/layernorm GNS ratio; default 1
+    interval: int = 10  # steps between changes (and between the host's reads of the GNS)
+    max_factor: float = 2.0  # the most the batch changes by in one change (at least one micro-batch)
+    allow_decrease: bool = False
+    warmup_steps: int = 0  # steps before the GNS may move the batch (the GNS of the first steps is noisy)
+
+
+SCHEDULE_SCHEMAS = {"constant": ScheduleConfig, "linear": LinearScheduleConfig, "gns": GNSScheduleConfig}
 
 
 @dataclass
@@ -74,7 +104,8 @@ class GNSConfig:
     mode: str = "off"  # off | ln | all
     method: str = "auto"  # Linear layers: simultaneous | ghost | auto (by the cost model)
     ln_backend: str = "auto"  # torch | triton | auto (triton on CUDA, torch on CPU)
-    ema_alpha: float = 0.99  # console smoothing only; the logs keep raw components
+    ema_alpha: float = 0.99  # smoothing of the console's GNS and of a GNS-driven schedule; logs keep raw components
+    outlier_guard: bool = True  # clip one-step outliers of the components before that smoothing (HampelFilter)
     per_layer: bool = False  # also log one row per parameter
     chunk_size: int = 0  # examples per chunk in the simultaneous method; 0 = automatic
 
@@ -106,6 +137,7 @@ class TrainConfig:
 @dataclass
 class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
+    force: bool = False  # rebuild even when data_dir/name holds an intact set prepared with the same settings
 
 
 @dataclass
@@ -132,9 +164,48 @@ class CostConfig:
     bytes_per_element: int = 2
 
 
+@dataclass
+class SweepConfig:
+    """`gnsrepro sweep ema_alpha=0.9,0.99 run=DIR`: each group's smoothed GNS against the total's (gnsrepro.sweep)."""
+
+    # run directories: run=DIR, run=DIR1,DIR2 or run=[DIR1,DIR2] (the CLI brackets a bare comma list); Any, not
+    # list[str], so that a single directory is accepted as typed also through hydra.compose
+    run: Any = None
+    ema_alpha: list[float] = field(default_factory=lambda: [0.9, 0.95, 0.99, 0.995, 0.999])
+    reference: str = "total"  # the group every other group is compared with
+    group: list[str] = field(default_factory=list)  # groups compared with the reference; [] = every logged one
+    source: list[str] = field(default_factory=list)  # per_example | microbatch | ddp; [] = every logged one
+    skip_fraction: float = 0.1  # share of the first steps left out of every statistic (initialisation)
+    diff_every: Optional[int] = None  # detrended r: steps between evaluation points; None = about 32 points
+    out: Optional[str] = None  # one parquet for all runs; default <run>/sweep.parquet for each
+
+
+@dataclass
+class PlotConfig:
+    """`gnsrepro plot figure=NAME run=DIR out=PATH`: the names and their inputs are gnsrepro.figures.FIGURES."""
+
+    figure: Optional[str] = None  # a key of gnsrepro.figures.FIGURES; unset: list them
+    # run directories: run=DIR, or run=[DIR1,DIR2] (Hydra takes a key once per command line); Any, not
+    # list[str], so that the single-directory form is accepted as it is typed
+    run: Any = None
+    table: Optional[str] = None  # figure=lnbench: the parquet of `gnsrepro bench layernorm`
+    out: Optional[str] = None  # path stem of the PNG and PDF; default outputs/figures/<figure>
+    alpha: float = 0.99  # EMA smoothing of |G|² and S (phase)
+    alphas: list[float] = field(default_factory=lambda: [0.9, 0.95, 0.99, 0.995, 0.999])  # correlation
+    source: Optional[str] = None  # per_example | microbatch | ddp; default per_example, else microbatch
+    model: ModelConfig = field(default_factory=ModelConfig)  # figure=cost: the model costed
+    seq_len: Optional[int] = None  # figure=cost: Table 1's sequence length; default model.block_size
+    batch_size: int = 1  # figure=cost
+    bytes_per_element: int = 2  # figure=cost
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    for name, node in SCHEDULE_SCHEMAS.items():
+        cs.store(group="schedule", name=f"{name}_schema", node=node)
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="bench_schema", node=BenchConfig)
     cs.store(name="cost_schema", node=CostConfig)
+    cs.store(name="sweep_schema", node=SweepConfig)
+    cs.store(name="plot_schema", node=PlotConfig)

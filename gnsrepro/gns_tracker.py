@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from gnsrepro.gns import PARAM_GROUPS, group_of
+from gnsrepro.gns import PARAM_GROUPS, group_of, gtg_estimate, trsigma_estimate
 
 SOURCES = ("per_example", "microbatch", "ddp")
 
@@ -77,6 +77,7 @@ class GNSTracker:
             self.sources.append("ddp")
         self.rows = self._rows(group_ids)
         self._steps: list[torch.Tensor] = []
+        self._batches: list[tuple[int, int]] = []  # (batch size, micro-batch size) of each step in _steps
         if max_micro_steps > 1:
             self._prev = [torch.zeros_like(p) for p in self.params]
         self._micro_sq = torch.zeros(P, device=device)
@@ -181,6 +182,7 @@ class GNSTracker:
         big_t = grad_sq.expand_as(small_t)
         both = torch.stack([small_t, big_t], dim=1)  # (S, 2, P)
         self._steps.append(self._columns(both))
+        self._batches.append((batch_size, micro_batch_size))
         if self.collector is not None:
             self.collector.zero()
 
@@ -203,4 +205,32 @@ class GNSTracker:
             return None
         out = torch.stack(self._steps).cpu()
         self._steps = []
+        self._batches = []
         return out
+
+    def drain_rows(self, steps: list[tuple[int, int]]) -> list[dict]:
+        """gns.parquet rows (logs.GNS_COLUMNS) of the steps since the last drain; steps: their (step, tokens).
+
+        One row per step, source and group, with the unbiased |G|² and tr(Σ) estimates of that step
+        (gnsrepro.gns); a source with no small batches on a step (NaN) gets no row for it.
+        """
+        batches, values = self._batches, self.drain()
+        self._batches = []
+        if values is None:
+            return []
+        if len(steps) != len(batches):
+            raise ValueError(f"{len(steps)} steps given for {len(batches)} recorded")
+        values = values.tolist()  # (steps, S, 2, columns), one conversion for the whole interval
+        rows = []
+        for (step, tokens), (batch_size, micro), v in zip(steps, batches, values):
+            for row in self.rows:
+                s = self.sources.index(row.source)
+                small, big = v[s][0][row.column], v[s][1][row.column]
+                if small != small:  # NaN: no small batches from this source on this step
+                    continue
+                b_small = self.b_small(row.source, batch_size, micro)
+                rows.append({"step": step, "tokens": tokens, "group": row.group, "source": row.source,
+                             "b_big": batch_size, "b_small": b_small, "sqnorm_big": big, "sqnorm_small": small,
+                             "gtg": gtg_estimate(batch_size, big, b_small, small),
+                             "trsigma": trsigma_estimate(batch_size, big, b_small, small)})
+        return rows

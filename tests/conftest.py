@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,3 +17,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A small pycode corpus prepared once for the whole session."""
+    from gnsrepro.config import DataConfig
+    from gnsrepro.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    prepare(DataConfig(name="pycode", data_dir=str(root), max_bytes=1_500_000, num_proc=2))
+    return root

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU work of a session in one script, for the device machine (torch 2.11 / triton 3.6, no registry).
 # Usage, from the project root, with .whl/ built by ../shared/device/wheelhouse.sh and carried along:
-#   bash gnsrepro/benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose fixed variants sweepbwd sweep train overhead run111m small ddp)
+#   bash gnsrepro/benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose fixed variants sweepbwd sweep train overhead run111m small ddp
+#   schedule)
 # Prints each command before running it; logs and parquet land in $OUT (or outputs/gpu-session).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -42,6 +43,12 @@ for stage in "$@"; do
                cp $RUNS/ddp/gns.parquet "$OUT/ddp_gns.parquet"
                python3 -c "import pandas as pd; d = pd.read_parquet('$RUNS/ddp/gns.parquet'); \
 print(d[d.step == d.step.max()].to_string(index=False))" ;;
+    schedule)  # the small schedule comparison, one seed (SEEDS=0,1,2 for all): fixed, linear and gns arms
+               run python3 -m gnsrepro train -m experiment=schedule/small,schedule/small_linear,schedule/small_gns \
+                 seed=${SEEDS:-0}
+               run python3 -m gnsrepro plot figure=schedule "run=[$(ls -d outputs/schedule/small/*-seed* | paste -sd,)]" \
+                 out=$OUT/schedule
+               tar czf "$OUT/schedule_runs.tar.gz" --exclude=ckpt.pt outputs/schedule/small ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done

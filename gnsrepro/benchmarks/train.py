@@ -12,14 +12,12 @@ import copy
 import gc
 import statistics
 import time
-from contextlib import nullcontext
 from datetime import date
 
 import torch
 
 from gnsrepro.errors import ConfigError
-from gnsrepro.gns_tracker import GNSTracker
-from gnsrepro.train import DTYPES, build_model, clip_by_total_norm, grad_sqnorms, make_optimizer, peak_flops
+from gnsrepro.train import build_step, peak_flops, resolve_dtype, train_step
 
 OVERHEAD_VARIANTS = (  # (label, gns.mode, gns.method, gns.ln_backend)
     ("off", "off", "auto", "auto"),
@@ -37,40 +35,24 @@ def _device(cfg) -> torch.device:
 
 
 def _prepare(cfg, gns_cfg, device: torch.device):
-    """(step, drain, model): one training step (forward, backward, gradient norms and clipping, the GNS
-    tracker, AdamW) on fixed random tokens, the tracker's fetch of its device-side sums (a no-op
-    without one), and the model it trains; nothing run yet."""
+    """(step, drain, model): one training step (gnsrepro.train.train_step: forward, backward, gradient norms and
+    clipping, the GNS tracker, AdamW) on fixed random tokens, the tracker's fetch of its device-side sums (a
+    no-op without one), and the model it trains; nothing run yet."""
     from gnsrepro.config import OptimConfig
 
     torch.manual_seed(0)
     seq_len = cfg.seq_len or cfg.model.block_size
-    model, collector = build_model(cfg.model, gns_cfg, device)
-    optimizer = make_optimizer(model, OptimConfig(), device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    tracker = None
-    if collector is not None:
-        collector.attach(cfg.micro_batch_size)
-        tracker = GNSTracker(model, collector)
-    run = torch.compile(model) if cfg.compile else model
-    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    parts = build_step(cfg.model, gns_cfg, OptimConfig(), device, resolve_dtype(cfg.dtype, device), cfg.compile,
+                       micro_batch_size=cfg.micro_batch_size)
     x = torch.randint(0, 50257, (cfg.micro_batch_size, seq_len), device=device)
     y = torch.randint(0, 50257, (cfg.micro_batch_size, seq_len), device=device)
+    lr = OptimConfig().lr
 
     def step():
-        if tracker is not None:
-            tracker.begin_step()
-        with autocast:
-            _, loss = run(x, y)
-        loss.backward()
-        sq = grad_sqnorms(params)
-        clip_by_total_norm(params, sq, 1.0)
-        if tracker is not None:
-            tracker.end_step(cfg.micro_batch_size, cfg.micro_batch_size, sq)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(parts, [(x, y)], cfg.micro_batch_size, lr)
 
-    return step, (tracker.drain if tracker is not None else (lambda: None)), model
+    drain = parts.tracker.drain if parts.tracker is not None else (lambda: None)
+    return step, drain, parts.raw_model
 
 
 def _sync(device: torch.device) -> None:

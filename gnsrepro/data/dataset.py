@@ -1,9 +1,10 @@
-"""Random (x, y) batches from a prepared split, as a pure function of (seed, step).
+"""Random (x, y) batches from a prepared split, as pure functions of a seed and a position.
 
-Because the offsets of a step depend on nothing but (seed, step), a resumed run reads exactly the batches
-it would have read without stopping, and a global batch is the same however it is divided: compute the
-offsets of the whole global batch with `batch_offsets`, then let each DDP rank and micro-batch read its
-own slice of them with `read_batch`.
+Training reads by sequence index: the n-th training sequence of a run starts at `sequence_offsets(..., n, 1,
+seed)`, whatever the batch-size schedule, so a schedule comparison is not also a data comparison, and a resumed
+run reads exactly the sequences it would have read without stopping. A global batch is the same however it is
+divided: compute the offsets of the whole global batch, then let each DDP rank and micro-batch read its own
+slice of them with `read_batch`. Validation uses a fixed set drawn once by `batch_offsets`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,22 @@ def batch_offsets(num_tokens: int, seq_len: int, batch_size: int, seed: int, ste
         )
     rng = np.random.default_rng([seed, step])
     return rng.integers(0, num_tokens - seq_len, size=batch_size, dtype=np.int64)
+
+
+SEQUENCE_BLOCK = 4096  # sequence offsets are drawn in blocks of this many, each from rng([seed, block])
+
+
+def sequence_offsets(num_tokens: int, seq_len: int, start: int, count: int, seed: int) -> np.ndarray:
+    """(count,) int64 start offsets of training sequences start, ..., start + count - 1 of a run.
+
+    Sequence n's offset is element n % SEQUENCE_BLOCK of the block rng([seed, n // SEQUENCE_BLOCK]) draws, so it
+    depends on (seed, n) only: not on how the sequences are grouped into steps.
+    """
+    first, last = start // SEQUENCE_BLOCK, (start + count - 1) // SEQUENCE_BLOCK
+    blocks = [batch_offsets(num_tokens, seq_len, SEQUENCE_BLOCK, seed, b) for b in range(first, last + 1)]
+    flat = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    begin = start - first * SEQUENCE_BLOCK
+    return flat[begin:begin + count]
 
 
 def read_batch(
