@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -213,7 +215,29 @@ def test_prepare_rejects_too_few_documents(tmp_path):
     cfg = DataConfig(name="textdir", path=str(source), data_dir=str(tmp_path / "data"), num_proc=1)
     with pytest.raises(DataError, match="at least 2"):
         prepare(cfg)
-    assert not (tmp_path / "data" / "textdir" / "meta.json").exists()
+    assert not (tmp_path / "data").exists()  # a refused prepare writes nothing, not even empty directories
+
+
+def test_refused_prepare_keeps_existing_directories_and_creates_none(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "other").mkdir(parents=True)
+    empty = _write_textdir(tmp_path / "empty", [])
+    cfg = DataConfig(name="textdir", path=str(empty), data_dir=str(data), num_proc=1)
+    with pytest.raises(DataError, match="at least 2"):
+        prepare(cfg)
+    assert sorted(p.name for p in data.iterdir()) == ["other"]  # data/ was there before and stays
+
+    def unavailable():
+        raise tok.TokenizerUnavailable("no BPE files")
+
+    monkeypatch.setattr(prep, "get_tokenizer", unavailable)
+    source = _write_textdir(tmp_path / "corpus", DOCS)
+    with pytest.raises(tok.TokenizerUnavailable):
+        prepare(DataConfig(name="textdir", path=str(source), data_dir=str(tmp_path / "new"), num_proc=1))
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(DataError, match="data.val_fraction must be in"):
+        prepare(DataConfig(name="pycode", data_dir=str(tmp_path / "new"), val_fraction=1.5))
+    assert not (tmp_path / "new").exists()
 
 
 # ---------------------------------------------------------------------------------------------- verify
@@ -253,12 +277,14 @@ def test_verify_detects_missing_file(prepared):
 # --------------------------------------------------------------------------------------- ensure_prepared
 
 
-def test_ensure_prepared_missing_gives_exact_command(tmp_path):
-    cfg = DataConfig(name="pycode", data_dir=str(tmp_path))
+def test_ensure_prepared_missing_gives_exact_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # data.data_dir=data, the default, is left out of the command
+    cfg = DataConfig(name="pycode", data_dir="data")
     with pytest.raises(DataError, match=r"run `gnsrepro prepare data=pycode` first"):
         ensure_prepared(cfg, prepare_missing=False)
     cfg = DataConfig(name="textdir", path="/some/corpus", data_dir=str(tmp_path))
-    with pytest.raises(DataError, match=r"run `gnsrepro prepare data=textdir data.path=/some/corpus` first"):
+    with pytest.raises(DataError, match=rf"run `gnsrepro prepare data=textdir data.path=/some/corpus "
+                                        rf"data.data_dir={tmp_path}` first"):
         ensure_prepared(cfg, prepare_missing=False)
     with pytest.raises(DataError, match="needs data.path=DIR"):
         ensure_prepared(DataConfig(name="textdir", data_dir=str(tmp_path)), prepare_missing=True)
@@ -271,8 +297,129 @@ def test_ensure_prepared_prepares_when_missing(tmp_path, capsys):
     directory = ensure_prepared(cfg, prepare_missing=True)
     assert (directory / "meta.json").is_file()
     assert "not prepared" in capsys.readouterr().err
-    ensure_prepared(DataConfig(name="textdir", path=str(source), data_dir=cfg.data_dir, val_fraction=0.5), False)
-    assert "data.val_fraction=0.005 (asked 0.5)" in capsys.readouterr().err  # settings mismatch is reported
+
+
+def _write_meta(directory: Path, **fields) -> None:
+    """A meta.json (no token files) as prepare writes it; the settings check reads nothing else."""
+    meta = {"name": directory.name, "source": {"name": directory.name, "path": None}, "val_fraction": 0.005,
+            "splits": {}, "dtype": "uint16", "tokenizer": {"name": "gpt2", "eot": 50256}}
+    for key, value in fields.items():
+        if key in ("path", "max_bytes", "hf_dataset"):
+            meta["source"][key] = value
+        else:
+            meta[key] = value
+    directory.mkdir(parents=True)
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+def test_data_prepared_from_another_directory_is_refused_with_the_command(prepared, tmp_path):
+    """Issue 14: prepare data=textdir data.path=A, then train data.path=B trained on A's tokens."""
+    directory = Path(prepared.data_dir) / "textdir"
+    before = verify(directory)
+    other = _write_textdir(tmp_path / "other", ["a different corpus", "with two documents"])
+    asked = DataConfig(name="textdir", path=str(other), data_dir=prepared.data_dir, val_fraction=0.5, num_proc=1)
+    with pytest.raises(DataError) as refused:
+        ensure_prepared(asked, prepare_missing=True)
+    message = str(refused.value)
+    assert f"data.path={other} (prepared: {Path(prepared.path).resolve()})" in message
+    assert "data.val_fraction=0.5 (prepared: 0.005)" in message
+    command = f"gnsrepro prepare data=textdir data.path={other} data.data_dir={prepared.data_dir} data.val_fraction=0.5"
+    assert f"`{command}`" in message
+    assert "\n" not in message and verify(directory) == before  # one line; the prepared set is untouched
+    # the command it names makes the request good: prepare with those settings, then it is accepted
+    prep.run_prepare(asked)
+    assert ensure_prepared(asked, prepare_missing=False) == directory
+    assert sorted(_decode_documents(np.concatenate([open_split(directory, s) for s in ("train", "val")]))) == [
+        "a different corpus", "with two documents"]
+
+
+@pytest.mark.parametrize("prepared_with, asked, named", [
+    ({"max_bytes": 1000}, {"max_bytes": 2000}, "data.max_bytes=2000 (prepared: 1000)"),
+    ({"max_bytes": 1000, "tokenizer": {"name": "cl100k_base", "eot": 100257}}, {"max_bytes": 1000},
+     "tokenizer gpt2 eot 50256 as uint16 (prepared: {'name': 'cl100k_base', 'eot': 100257} as uint16)"),
+    ({"max_bytes": 1000, "dtype": "uint32"}, {"max_bytes": 1000}, "as uint16 (prepared: "),
+])
+def test_pycode_prepared_with_other_settings_is_refused(tmp_path, prepared_with, asked, named):
+    _write_meta(tmp_path / "pycode", **prepared_with)
+    cfg = DataConfig(name="pycode", data_dir=str(tmp_path), **asked)
+    with pytest.raises(DataError, match=re.escape(named)):
+        ensure_prepared(cfg, prepare_missing=True)
+    with pytest.raises(DataError, match=re.escape(named)):
+        prep.check_prepared_settings(cfg)
+
+
+def test_matching_settings_are_accepted_and_openwebtext_without_path_takes_a_local_copy(tmp_path):
+    _write_meta(tmp_path / "pycode", max_bytes=1000)
+    assert prep.check_prepared_settings(DataConfig(name="pycode", data_dir=str(tmp_path), max_bytes=1000))
+    assert prep.check_prepared_settings(DataConfig(name="textdir", data_dir=str(tmp_path))) is None  # not prepared
+    _write_meta(tmp_path / "openwebtext", path="/mnt/owt", hf_dataset=None, val_fraction=0.0005)
+    owt = DataConfig(name="openwebtext", data_dir=str(tmp_path), val_fraction=0.0005)
+    assert prep.check_prepared_settings(owt)  # `train experiment=111M` after `prepare data=openwebtext data.path=`
+    with pytest.raises(DataError, match=re.escape("data.path=/elsewhere (prepared: /mnt/owt)")):
+        prep.check_prepared_settings(DataConfig(name="openwebtext", path="/elsewhere", data_dir=str(tmp_path),
+                                                val_fraction=0.0005))
+    _write_meta(tmp_path / "hf" / "openwebtext", hf_dataset="Skylion007/openwebtext", val_fraction=0.0005)
+    with pytest.raises(DataError, match=re.escape("data.hf_dataset=me/owt (prepared: Skylion007/openwebtext)")):
+        prep.check_prepared_settings(DataConfig(name="openwebtext", data_dir=str(tmp_path / "hf"),
+                                                hf_dataset="me/owt", val_fraction=0.0005))
+
+
+def test_prepare_command_names_the_non_default_settings(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert prep.prepare_command(DataConfig(name="pycode")) == "gnsrepro prepare data=pycode"
+    assert prep.prepare_command(DataConfig(name="pycode", max_bytes=5, val_fraction=0.1)) == (
+        "gnsrepro prepare data=pycode data.val_fraction=0.1 data.max_bytes=5")
+    # openwebtext's own default val_fraction (conf/data/openwebtext.yaml) is left out
+    assert prep.prepare_command(DataConfig(name="openwebtext", val_fraction=0.0005)) == (
+        "gnsrepro prepare data=openwebtext")
+    assert prep.prepare_command(DataConfig(name="textdir", path="/my corpus", data_dir="d")) == (
+        "gnsrepro prepare data=textdir 'data.path=/my corpus' data.data_dir=d")
+
+
+# ------------------------------------------------------------------------------------ up to date, identity
+
+
+def test_prepare_keeps_an_up_to_date_set_and_rebuilds_on_force_or_change(prepared, monkeypatch, capsys):
+    directory = Path(prepared.data_dir) / "textdir"
+    stamps = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+
+    def crash(chunk):
+        raise RuntimeError("tokenised again")
+
+    monkeypatch.setattr(prep, "_tokenize_chunk", crash)
+    assert prep.run_prepare(prepared) == directory  # no tokenising: it would crash
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and f"{directory} is up to date" in out and "force=true rebuilds it" in out
+    assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == stamps
+    with pytest.raises(RuntimeError, match="tokenised again"):
+        prep.run_prepare(prepared, force=True)
+    changed = DataConfig(**{**prepared.__dict__, "val_fraction": 0.5})
+    with pytest.raises(RuntimeError, match="tokenised again"):
+        prep.run_prepare(changed)
+    assert "prepared with other settings (data.val_fraction=0.5 (prepared: 0.005))" in capsys.readouterr().err
+    val = directory / "val.bin"
+    val.write_bytes(val.read_bytes()[:-2])
+    with pytest.raises(RuntimeError, match="tokenised again"):
+        prep.run_prepare(prepared)
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_data_identity_names_the_token_files(prepared, tmp_path):
+    directory = Path(prepared.data_dir) / "textdir"
+    identity = prep.data_identity(verify(directory))
+    assert json.loads(json.dumps(identity)) == identity  # plain values: storable in a checkpoint
+    for split in ("train", "val"):
+        data = (directory / f"{split}.bin").read_bytes()
+        assert identity["splits"][split] == {"file": f"{split}.bin", "tokens": len(data) // 2,
+                                             "sha256": hashlib.sha256(data).hexdigest()}
+    assert identity["name"] == "textdir" and identity["tokenizer"] == {"name": "gpt2", "eot": 50256}
+    assert identity["source"] == {"name": "textdir", "path": str(Path(prepared.path).resolve())}
+    assert identity["val_fraction"] == prepared.val_fraction and identity["dtype"] == "uint16"
+    # the same corpus prepared again (another time stamp) has the same identity; another corpus does not
+    assert prep.data_identity(verify(prepare(prepared))) == identity
+    source = Path(prepared.path)
+    (source / "doc00.txt").write_text("Hello world, edited")
+    assert prep.data_identity(verify(prepare(prepared))) != identity
 
 
 def test_unknown_data_name(tmp_path):

@@ -2,12 +2,49 @@
 
 from __future__ import annotations
 
+import os
+
 from gnsrepro.errors import ConfigError
 
 TARGETS = ("train", "overhead", "layernorm")
 
 
+def check_bench_settings(cfg) -> None:
+    """Refuse, with one line, a target or device a benchmark cannot run on, before any work.
+
+    bench layernorm times GPU kernels against each other and needs a CUDA GPU; bench train and overhead
+    run on the CPU too, but device=cuda[:N] needs that GPU, and gns.ln_backend=triton needs a GPU or
+    TRITON_INTERPRET=1 (as for `gnsrepro train`).
+    """
+    import torch
+
+    if cfg.target not in TARGETS:
+        raise ConfigError(f"bench target {cfg.target!r} is not known; accepted: {', '.join(TARGETS)}")
+    device = str(cfg.device)
+    index = device.removeprefix("cuda:")
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and index.isdigit()):
+        raise ConfigError(f"device={device!r} is not known; accepted: auto, cpu, cuda, cuda:N")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.target == "layernorm":
+        if device == "cpu":
+            raise ConfigError("bench layernorm times GPU kernels against each other: device=cpu is not accepted; "
+                              "accepted: auto, cuda, cuda:N")
+        if gpus == 0:
+            raise ConfigError("bench layernorm needs a CUDA GPU (it times GPU kernels against each other) and "
+                              "torch sees none; run it on a machine with a GPU")
+    if device.startswith("cuda") and gpus == 0:
+        raise ConfigError(f"device={device!r} but torch sees no CUDA GPU; use device=auto or device=cpu")
+    if device.startswith("cuda:") and int(index) >= gpus:
+        raise ConfigError(f"device={device!r} but torch sees {gpus} CUDA GPU(s); accepted: cuda:0 to cuda:{gpus - 1}")
+    on_cpu = device == "cpu" or gpus == 0
+    if (cfg.target == "train" and cfg.gns.mode != "off" and cfg.gns.ln_backend == "triton" and on_cpu
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ConfigError("gns.ln_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow CPU "
+                          "interpreter); use gns.ln_backend=auto or torch on a CPU")
+
+
 def run_benchmark(cfg) -> None:
+    check_bench_settings(cfg)
     if cfg.target == "train":
         from gnsrepro.benchmarks.train import bench_train
 
@@ -16,9 +53,7 @@ def run_benchmark(cfg) -> None:
         from gnsrepro.benchmarks.train import bench_overhead
 
         bench_overhead(cfg)
-    elif cfg.target == "layernorm":
+    else:
         from gnsrepro.benchmarks.layernorm import run
 
         run(cfg)
-    else:
-        raise ConfigError(f"bench target {cfg.target!r} is not known; accepted: {', '.join(TARGETS)}")

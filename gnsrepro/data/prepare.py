@@ -24,6 +24,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
 import sys
 import sysconfig
@@ -320,18 +321,63 @@ def _num_processes(num_proc: int) -> int:
     return num_proc or os.cpu_count() or 1
 
 
+def _check_settings(cfg: DataConfig) -> int:
+    """Raise DataError for a setting prepare cannot take (read nothing, write nothing); the processes to use."""
+    _check_name(cfg)
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise DataError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.name == "pycode" and cfg.max_bytes <= 0:
+        raise DataError(f"data.max_bytes must be positive, got {cfg.max_bytes}")
+    if cfg.name == "textdir" and not cfg.path:
+        raise DataError("data=textdir needs data.path=DIR (a directory of text files)")
+    return _num_processes(cfg.num_proc)
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Raise DataError for what prepare(cfg) would refuse before tokenising: a setting it cannot take, a
+    textdir data.path that is not a directory, a local OpenWebText data.path that does not exist. Reads no
+    corpus (whether it holds enough documents shows only when it is read)."""
+    _check_settings(cfg)
+    if cfg.name == "textdir":
+        textdir_documents(cfg.path)  # checks the directory; its files are read only when iterated
+    if cfg.name == "openwebtext" and cfg.path and not Path(cfg.path).expanduser().exists():
+        raise DataError(f"data.path={cfg.path} does not exist; pass a directory of parquet files with a 'text' column")
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """mkdir -p directory; the directories it created, innermost first (to remove again on failure)."""
+    created = []
+    for path in (directory, *directory.parents):
+        if path.exists():
+            break
+        created.append(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    return created
+
+
 def prepare(cfg: DataConfig) -> Path:
     """Tokenise cfg's corpus into data_dir/name/{train.bin,val.bin,meta.json}; returns that directory.
 
     An existing data set of the same name is replaced; a prepare that is killed midway leaves the previous
-    one (or none) in place, never a mixture.
+    one (or none) in place, never a mixture. Settings, source and tokenizer are checked before anything is
+    written, and a prepare that fails removes the directories it created.
     """
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise DataError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    processes = _num_processes(cfg.num_proc)
+    processes = _check_settings(cfg)
     description, documents = _source(cfg)
+    get_tokenizer()  # TokenizerUnavailable here, before any directory exists
     directory = Path(cfg.data_dir) / cfg.name
-    directory.mkdir(parents=True, exist_ok=True)
+    created = _make_dirs(directory)
+    try:
+        return _prepare_into(cfg, directory, description, documents, processes)
+    except BaseException:
+        for path in created:  # innermost first; a directory that is not empty stays
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+def _prepare_into(cfg: DataConfig, directory: Path, description: dict, documents: Iterator[str],
+                  processes: int) -> Path:
     _remove_stale_staging(directory)
     staging = directory / f"{_STAGING_PREFIX}{os.getpid()}"
     staging.mkdir(exist_ok=True)
@@ -398,8 +444,32 @@ def _version() -> str:
     return __version__
 
 
-def run_prepare(cfg: DataConfig) -> Path:
-    """The CLI's `gnsrepro prepare`: prepare, then print a one-paragraph summary."""
+def run_prepare(cfg: DataConfig, force: bool = False) -> Path:
+    """The CLI's `gnsrepro prepare`: keep an up-to-date data set, else prepare it; print one line either way.
+
+    Up to date: data_dir/name holds a set whose meta.json records the settings cfg asks for
+    (source_settings, the tokenizer) and whose files verify. The source is not read again, so a corpus
+    that changed under the same settings (an edited text directory, other installed packages for pycode)
+    needs force=True, which rebuilds in any case.
+    """
+    _check_settings(cfg)
+    directory = Path(cfg.data_dir) / cfg.name
+    if not force and (directory / "meta.json").exists():
+        meta, problem = _read_meta(directory), None
+        differing = _differing_settings(cfg, meta) if meta is not None else []
+        if meta is None:
+            problem = f"{directory / 'meta.json'} is unreadable"
+        elif differing:
+            problem = f"it was prepared with other settings ({', '.join(differing)})"
+        else:
+            problem = _files_problem(directory, meta, full_hash=None)
+        if problem is None:
+            splits = meta["splits"]
+            print(f"{directory} is up to date: prepared {meta.get('created', '?')} from {_origin(meta)} with these "
+                  f"settings, its files verify (train {splits['train']['tokens']:,} tokens, val "
+                  f"{splits['val']['tokens']:,}); force=true rebuilds it")
+            return directory
+        print(f"{directory}: {problem}; preparing it again", file=sys.stderr)
     directory = prepare(cfg)
     meta = json.loads((directory / "meta.json").read_text())
     source, splits = meta["source"], meta["splits"]
@@ -411,11 +481,91 @@ def run_prepare(cfg: DataConfig) -> Path:
     return directory
 
 
+def _origin(meta: dict) -> str:
+    source = meta.get("source", {})
+    if source.get("path"):
+        return source["path"]
+    if source.get("hf_dataset"):
+        return f"Hugging Face {source['hf_dataset']}"
+    return "this interpreter's Python files" if meta.get("name") == "pycode" else "?"
+
+
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def _prepare_command(name: str, path: str | None) -> str:
-    return f"gnsrepro prepare data={name}" + (f" data.path={path}" if path else "")
+def _data_defaults(name: str) -> dict:
+    """DataConfig's defaults as conf/data/<name>.yaml sets them: what `gnsrepro prepare data=<name>` uses."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from gnsrepro.cli import conf_dir
+
+    defaults = dataclasses.asdict(DataConfig())
+    yaml = Path(conf_dir()) / "data" / f"{name}.yaml"
+    if yaml.is_file():
+        defaults.update(OmegaConf.to_container(OmegaConf.load(yaml)))
+    return defaults
+
+
+def prepare_command(cfg: DataConfig) -> str:
+    """The `gnsrepro prepare` command line that prepares cfg's data set with cfg's settings.
+
+    Names data.path (DIR when textdir has none) and every setting that decides the token files or where
+    they go (data.data_dir, data.max_bytes, data.val_fraction, data.hf_dataset) whose value is not the
+    one `gnsrepro prepare data=<name>` takes by default.
+    """
+    defaults = _data_defaults(cfg.name)
+    parts = ["gnsrepro", "prepare", f"data={cfg.name}"]
+    if cfg.path:
+        parts.append(f"data.path={cfg.path}")
+    elif cfg.name == "textdir":
+        parts.append("data.path=DIR")
+    keys = ["data_dir", "val_fraction"]
+    keys += ["max_bytes"] if cfg.name == "pycode" else []
+    keys += ["hf_dataset"] if cfg.name == "openwebtext" and not cfg.path else []
+    parts += [f"data.{key}={getattr(cfg, key)}" for key in keys if getattr(cfg, key) != defaults.get(key)]
+    return " ".join(shlex.quote(part) if part != "data.path=DIR" else part for part in parts)
+
+
+def _config_of(meta: dict, directory: Path) -> DataConfig:
+    """The DataConfig that prepared a data set, as its meta.json records it (for the command that redoes it)."""
+    name, source = meta.get("name", directory.name), meta.get("source", {})
+    defaults = _data_defaults(name)
+    return DataConfig(name=name, path=source.get("path"), data_dir=str(directory.parent),
+                      max_bytes=source.get("max_bytes") or defaults["max_bytes"],
+                      val_fraction=meta.get("val_fraction", defaults["val_fraction"]),
+                      hf_dataset=source.get("hf_dataset") or defaults["hf_dataset"])
+
+
+def _read_meta(directory: Path) -> dict | None:
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("splits"), dict) else None
+
+
+def _files_problem(directory: Path, meta: dict, full_hash: bool | None) -> str | None:
+    """What is wrong with a data set's token files against its meta.json, or None when they verify."""
+    try:
+        for info in meta["splits"].values():
+            file = directory / info["file"]
+            if not file.is_file():
+                return f"{file} is missing"
+            size, expected = file.stat().st_size, info["tokens"] * np.dtype(DTYPE).itemsize
+            if size != expected:
+                return f"{file} has {size:,} bytes, meta.json expects {expected:,} (truncated?)"
+            if full_hash or (full_hash is None and size < FULL_HASH_LIMIT):
+                digest = hashlib.sha256()
+                with open(file, "rb") as f:
+                    while block := f.read(1 << 24):
+                        digest.update(block)
+                if digest.hexdigest() != info["sha256"]:
+                    return f"{file} does not match the sha256 in meta.json (altered?)"
+    except (KeyError, TypeError) as e:
+        return f"{directory / 'meta.json'} is malformed (no {e})"
+    return None
 
 
 def verify(directory: str | os.PathLike, full_hash: bool | None = None) -> dict:
@@ -425,63 +575,113 @@ def verify(directory: str | os.PathLike, full_hash: bool | None = None) -> dict:
     under 2 GB) its sha256; hashing OpenWebText's ~18 GB on every run would cost a minute for little gain.
     """
     directory = Path(directory)
-    meta_path = directory / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        splits = meta["splits"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(
-            f"{meta_path} is missing or unreadable ({e}); re-run `gnsrepro prepare data={directory.name}`"
-        ) from None
-    redo = f"re-run `gnsrepro prepare data={meta.get('name', directory.name)}`"
-    for info in splits.values():
-        file = directory / info["file"]
-        if not file.is_file():
-            raise DataError(f"{file} is missing; {redo}")
-        size, expected = file.stat().st_size, info["tokens"] * np.dtype(DTYPE).itemsize
-        if size != expected:
-            raise DataError(f"{file} has {size:,} bytes, meta.json expects {expected:,} (truncated?); {redo}")
-        if full_hash or (full_hash is None and size < FULL_HASH_LIMIT):
-            digest = hashlib.sha256()
-            with open(file, "rb") as f:
-                while block := f.read(1 << 24):
-                    digest.update(block)
-            if digest.hexdigest() != info["sha256"]:
-                raise DataError(f"{file} does not match the sha256 in meta.json (altered?); {redo}")
+    meta = _read_meta(directory)
+    if meta is None:
+        redo = prepare_command(_config_of({}, directory))
+        raise DataError(f"{directory / 'meta.json'} is missing or unreadable; re-run `{redo}`")
+    problem = _files_problem(directory, meta, full_hash)
+    if problem is not None:
+        raise DataError(f"{problem}; re-run `{prepare_command(_config_of(meta, directory))}`")
     return meta
 
 
-def _warn_if_settings_differ(cfg: DataConfig, meta: dict) -> None:
-    """The prepared files are used as they are; say so when they came from different settings than cfg's."""
-    source = meta.get("source", {})
-    wanted = {"val_fraction": cfg.val_fraction}
+def source_settings(cfg: DataConfig) -> dict:
+    """The settings of cfg that decide its data set's token files, by command-line key.
+
+    data.val_fraction always; data.max_bytes for pycode; data.path (resolved) when given, else for
+    openwebtext data.hf_dataset (a download). The tokenizer is fixed by this version (GPT-2 BPE).
+    """
+    settings: dict = {"data.val_fraction": cfg.val_fraction}
     if cfg.name == "pycode":
-        wanted["max_bytes"] = cfg.max_bytes
-    if cfg.path is not None:
-        wanted["path"] = str(Path(cfg.path).expanduser().resolve())
-    stored = {"val_fraction": meta.get("val_fraction"), **source}
-    differing = [f"data.{key}={stored.get(key)} (asked {value})" for key, value in wanted.items()
-                 if stored.get(key) != value]
+        settings["data.max_bytes"] = cfg.max_bytes
+    if cfg.path:
+        settings["data.path"] = str(Path(cfg.path).expanduser().resolve())
+    elif cfg.name == "openwebtext":
+        settings["data.hf_dataset"] = cfg.hf_dataset
+    return settings
+
+
+def _differing_settings(cfg: DataConfig, meta: dict) -> list[str]:
+    """'key=asked (prepared: value)' for each setting in which cfg's request and a prepared set differ.
+
+    data=openwebtext without data.path asks for OpenWebText from anywhere: a set prepared from a local
+    copy matches it (only a set downloaded from another Hugging Face dataset does not).
+    """
+    source = meta.get("source", {})
+    prepared = {"data.val_fraction": meta.get("val_fraction"), "data.max_bytes": source.get("max_bytes"),
+                "data.path": source.get("path"), "data.hf_dataset": source.get("hf_dataset")}
+    asked = source_settings(cfg)
+    if cfg.name == "openwebtext" and not cfg.path and source.get("path"):
+        asked.pop("data.hf_dataset")
+    differing = [f"data={cfg.name} (prepared: {meta.get('name')})"] if meta.get("name") != cfg.name else []
+    differing += [f"{key}={value} (prepared: {prepared[key]})" for key, value in asked.items()
+                  if prepared.get(key) != value]
+    tokenizer = {"name": TOKENIZER_NAME, "eot": EOT}
+    if meta.get("tokenizer") != tokenizer or meta.get("dtype") != np.dtype(DTYPE).name:
+        differing.append(f"tokenizer {TOKENIZER_NAME} eot {EOT} as {np.dtype(DTYPE).name} (prepared: "
+                         f"{meta.get('tokenizer')} as {meta.get('dtype')})")
+    return differing
+
+
+def check_prepared_settings(cfg: DataConfig) -> dict | None:
+    """Refuse a prepared data set made with other settings than cfg asks for; its meta.json when it matches.
+
+    Raises DataError naming each differing setting (asked, and prepared) and the `gnsrepro prepare`
+    command that rebuilds the set as asked. Returns None when data_dir/name holds no readable meta.json
+    (nothing prepared, or a broken set that verify reports). Reads meta.json only; the files are verify's.
+    """
+    directory = Path(cfg.data_dir) / cfg.name
+    meta = _read_meta(directory)
+    if meta is None:
+        return None
+    differing = _differing_settings(cfg, meta)
     if differing:
-        print(
-            f"note: using {cfg.data_dir}/{cfg.name} prepared with {', '.join(differing)}; "
-            f"run `{_prepare_command(cfg.name, cfg.path)}` to rebuild it",
-            file=sys.stderr,
+        raise DataError(
+            f"{directory} holds a data set prepared with other settings than asked: {', '.join(differing)}; "
+            f"rebuild it with `{prepare_command(cfg)}` (prepare replaces it atomically; a run reading it keeps "
+            "its open files), or give this run its own data.data_dir=DIR"
         )
+    return meta
+
+
+def data_identity(meta: dict) -> dict:
+    """What identifies the token files of a prepared data set, from its meta.json (plain, JSON-able values).
+
+    {"name", "source": the source's settings (path, max_bytes, hf_dataset; not its counts), "val_fraction",
+    "tokenizer", "dtype", "splits": {split: {"file", "tokens", "sha256"}}}. Equal identities mean the same
+    tokens in the same files (the sha256 of each); when the files were made (created, seconds, version) is
+    left out, so a set rebuilt identically keeps its identity. A checkpoint stores it; a resumed run
+    compares it with the data set it finds.
+    """
+    source = meta.get("source", {})
+    return {
+        "name": meta.get("name"),
+        "source": {key: value for key, value in source.items() if key not in ("documents", "bytes")},
+        "val_fraction": meta.get("val_fraction"),
+        "tokenizer": meta.get("tokenizer"),
+        "dtype": meta.get("dtype"),
+        "splits": {split: {"file": info["file"], "tokens": info["tokens"], "sha256": info["sha256"]}
+                   for split, info in sorted(meta["splits"].items())},
+    }
 
 
 def ensure_prepared(cfg: DataConfig, prepare_missing: bool) -> Path:
-    """The verified directory of cfg's data set, preparing it first when it is missing and prepare_missing."""
+    """The verified directory of cfg's data set, preparing it first when it is missing and prepare_missing.
+
+    A data set prepared with other settings than cfg's is refused (DataError, check_prepared_settings),
+    not rebuilt: another run may be reading it.
+    """
     _check_name(cfg)
     directory = Path(cfg.data_dir) / cfg.name
     if not (directory / "meta.json").is_file():
-        command = _prepare_command(cfg.name, cfg.path if cfg.path else ("DIR" if cfg.name == "textdir" else None))
+        command = prepare_command(cfg)
         if not prepare_missing:
             raise DataError(f"no prepared data in {directory}; run `{command}` first")
         if cfg.name == "textdir" and not cfg.path:
             raise DataError(f"no prepared data in {directory} and data=textdir needs data.path=DIR to prepare it")
         print(f"{directory} is not prepared; running `{command}`", file=sys.stderr)
         prepare(cfg)
-    meta = verify(directory)
-    _warn_if_settings_differ(cfg, meta)
+    else:
+        check_prepared_settings(cfg)
+    verify(directory)
     return directory
