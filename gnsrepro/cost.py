@@ -186,17 +186,22 @@ def model_costs(config: GPTConfig, seq_len: int, batch_size: int = 1, bytes_per_
 def seq_len_sweep(
     config: GPTConfig, seq_lens=SWEEP_SEQ_LENS, batch_size: int = 1, bytes_per_element: int = 2
 ) -> pd.DataFrame:
-    """Extra FLOPs and bytes of each per-example method as a fraction of the model, against seq_len.
+    """Extra FLOPs and bytes of each per-example method, absolute and as a fraction of the model, against
+    seq_len: the paper's FLOP / I/O figure (fig. 5).
 
-    The paper's FLOP / I/O figure. The FLOP fractions do not depend on the batch size (every FLOP term
-    scales with B); the byte fractions do, a little, because the weights are read once per step
-    whatever B is.
+    Columns: seq_len, method, extra_flops, extra_bytes (`model_costs`' extras, for batch_size sequences),
+    model_flops, model_bytes (`model_forward_backward`) and extra_{flops,bytes}_fraction (their ratios).
+    The FLOP fractions do not depend on the batch size (every FLOP term scales with B); the byte
+    fractions do, a little, because the weights are read once per step whatever B is.
     """
     rows = []
     for T in seq_lens:
         costs = model_costs(config, T, batch_size, bytes_per_element)
         for method in ("simultaneous", "ghost", "layernorm_only"):
             rows.append({"seq_len": T, "method": method,
+                         "extra_flops": costs.loc[method, "extra_flops"],
+                         "extra_bytes": costs.loc[method, "extra_bytes"],
+                         "model_flops": costs.attrs["model_flops"], "model_bytes": costs.attrs["model_bytes"],
                          "extra_flops_fraction": costs.loc[method, "extra_flops_fraction"],
                          "extra_bytes_fraction": costs.loc[method, "extra_bytes_fraction"]})
     return pd.DataFrame(rows)

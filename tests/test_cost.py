@@ -14,6 +14,7 @@ from gnsrepro.cost import (
     model_costs,
     ordinary_weight_grad,
     run_cost,
+    seq_len_sweep,
     simultaneous,
 )
 from gnsrepro.errors import ConfigError
@@ -120,3 +121,17 @@ def test_run_cost_prints_the_table_and_the_sweep(capsys):
 def test_run_cost_rejects_a_non_positive_seq_len():
     with pytest.raises(ConfigError, match="seq_len"):
         run_cost(cost_cfg(seq_len=0))
+
+
+def test_seq_len_sweep_absolute_columns_match_the_table():
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=64)
+    sweep = seq_len_sweep(config, seq_lens=(8, 32), batch_size=3).set_index(["seq_len", "method"])
+    for T in (8, 32):
+        costs = model_costs(config, T, batch_size=3)
+        for method in ("simultaneous", "ghost", "layernorm_only"):
+            row = sweep.loc[(T, method)]
+            assert row["extra_flops"] == costs.loc[method, "extra_flops"]
+            assert row["extra_bytes"] == costs.loc[method, "extra_bytes"]
+            assert row["model_flops"] == costs.attrs["model_flops"]
+            assert row["extra_flops_fraction"] == pytest.approx(row["extra_flops"] / row["model_flops"])
+            assert row["extra_bytes_fraction"] == pytest.approx(row["extra_bytes"] / row["model_bytes"])

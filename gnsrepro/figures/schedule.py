@@ -1,0 +1,186 @@
+"""`figure=schedule`: batch-size schedules compared (Gray et al. 2024, fig. 9; again fig. 21): the loss
+against tokens of each arm (mean and min-max band over seeds), the batch size each arm used against
+tokens, and the tokens each schedule saved against the fixed batch, per loss level.
+
+An arm is every run with the same `schedule.name` in its config.yaml (constant, the paper's fixed batch;
+linear, its ramp; gns, the batch driven by the measured GNS), its seeds the runs' `seed`. The seeds of an
+arm are averaged on a common token grid (the tokens that all of them reached), by linear interpolation
+of each run's per-step values. Tokens saved come from `gnsrepro.analysis.tokens_saved`, against the
+constant arm of the same seed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gnsrepro.errors import ConfigError
+from gnsrepro.figures.common import (
+    format_count,
+    new_figure,
+    output_stem,
+    readable_log_axis,
+    run_description,
+    save,
+    tokens_axis,
+)
+
+REFERENCE_ARM = "constant"
+ARM_LABELS = {"constant": "fixed batch", "linear": "linear ramp", "gns": "GNS-driven"}
+ARM_COLOURS = {"constant": "black", "linear": "tab:blue", "gns": "tab:orange"}
+GRID_POINTS = 400
+
+
+def group_arms(runs) -> dict[str, dict[int, object]]:
+    """{schedule name: {seed: run}} in the order the runs were given; ConfigError for two runs of one arm
+    and seed (which of them is meant is unknown)."""
+    arms: dict[str, dict[int, object]] = {}
+    for run in runs:
+        name = str(run.config.get("schedule", {}).get("name", "?"))
+        seed = int(run.config.get("seed", 0))
+        if seed in arms.setdefault(name, {}):
+            raise ConfigError(f"runs {arms[name][seed].path} and {run.path} are both schedule.name={name} "
+                              f"seed={seed}; give one run per schedule and seed")
+        arms[name][seed] = run
+    return arms
+
+
+def _band(curves: list[tuple[np.ndarray, np.ndarray]]) -> pd.DataFrame:
+    """mean, min and max over curves (x, y) on a grid of the x range that every curve covers."""
+    lo = max(float(x.min()) for x, _ in curves)
+    hi = min(float(x.max()) for x, _ in curves)
+    grid = np.linspace(lo, hi, GRID_POINTS) if hi > lo else np.array([lo])
+    ys = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return pd.DataFrame({"tokens": grid, "mean": ys.mean(0), "min": ys.min(0), "max": ys.max(0),
+                         "n_seeds": len(curves)})
+
+
+def arm_curves(arms: dict[str, dict[int, object]], column: str) -> pd.DataFrame:
+    """Per arm, the seeds' `column` of metrics.parquet against tokens: arm, tokens, mean, min, max, n_seeds."""
+    frames = []
+    for arm, seeds in arms.items():
+        curves = []
+        for run in seeds.values():
+            m = run.metrics.sort_values("step")
+            m = m[np.isfinite(m[column].to_numpy(dtype=float))]
+            curves.append((m["tokens"].to_numpy(dtype=float), m[column].to_numpy(dtype=float)))
+        frames.append(_band(curves).assign(arm=arm))
+    return pd.concat(frames, ignore_index=True)
+
+
+def smoothing_window(*metrics: pd.DataFrame) -> int:
+    """The loss-curve smoothing window of `gnsrepro.analysis.loss_curve` for these runs: its default
+    SMOOTH_WINDOW, or an odd window of at most an eighth of the shortest run's logged losses, so that
+    the curve keeps at least half of its points after the windows' reach is trimmed at both ends."""
+    from gnsrepro.analysis import SMOOTH_WINDOW
+
+    n = min(int(np.isfinite(m["loss"].to_numpy(dtype=float)).sum()) for m in metrics)
+    window = min(SMOOTH_WINDOW, max(1, n // 8))
+    return window if window % 2 else window - 1
+
+
+def saved_tokens(arms: dict[str, dict[int, object]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(levels, finals): `gnsrepro.analysis.tokens_saved` of each run of every other arm against the
+    constant arm's run of the same seed (else its first seed). levels: the TokensSaved.levels rows with
+    arm, seed, reference_seed and window columns; finals: one row per run, the TokensSaved.final fields
+    (at the reference's final smoothed loss) and its messages."""
+    from gnsrepro.analysis import tokens_saved
+
+    reference = arms[REFERENCE_ARM]
+    levels, finals = [], []
+    for arm, seeds in arms.items():
+        if arm == REFERENCE_ARM:
+            continue
+        for seed, run in seeds.items():
+            ref_seed = seed if seed in reference else next(iter(reference))
+            ref = reference[ref_seed]
+            window = smoothing_window(ref.metrics, run.metrics)
+            result = tokens_saved(ref.metrics, run.metrics, window=window)
+            tags = {"arm": arm, "seed": seed, "reference_seed": ref_seed, "window": window}
+            levels.append(result.levels.assign(**tags))
+            finals.append({**tags, **result.final.to_dict(), "final_loss": result.final_loss,
+                           "messages": " ".join(result.messages)})
+    return pd.concat(levels, ignore_index=True), pd.DataFrame(finals)
+
+
+def draw_schedule(loss: pd.DataFrame, batch: pd.DataFrame, levels: pd.DataFrame | None,
+                  finals: pd.DataFrame | None, title: str):
+    """Loss against tokens, batch size against tokens and (with a constant arm) tokens saved against loss."""
+    n = 3 if levels is not None else 2
+    fig = new_figure(5.4 * n, 5.0)
+    axes = fig.subplots(1, n)
+    loss_ax, batch_ax = axes[0], axes[1]
+    for arm in dict.fromkeys(loss["arm"]):
+        colour, label = ARM_COLOURS.get(arm), ARM_LABELS.get(arm, arm)
+        a = loss[loss["arm"] == arm]
+        seeds = int(a["n_seeds"].iloc[0])
+        loss_ax.plot(a["tokens"], a["mean"], color=colour, lw=1.2,
+                     label=f"{label} ({seeds} seed{'s' if seeds > 1 else ''}: mean, min-max)")
+        loss_ax.fill_between(a["tokens"], a["min"], a["max"], color=colour, alpha=0.2, lw=0)
+        b = batch[batch["arm"] == arm]
+        batch_ax.plot(b["tokens"], b["mean"], color=colour, lw=1.4, label=label)
+        batch_ax.fill_between(b["tokens"], b["min"], b["max"], color=colour, alpha=0.2, lw=0)
+    loss_ax.set_yscale("log")
+    readable_log_axis(loss_ax.yaxis)
+    loss_ax.set_ylabel("training loss (nats/token)")
+    loss_ax.set_title("loss against tokens (per step, as logged)", fontsize=10)
+    batch_ax.set_ylabel("batch size (sequences per step)")
+    batch_ax.set_title("batch size used", fontsize=10)
+    for ax in (loss_ax, batch_ax):
+        tokens_axis(ax.xaxis)
+        ax.set_xlabel("tokens seen")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    if levels is not None:
+        ax = axes[2]
+        for (arm, seed), s in levels.groupby(["arm", "seed"], sort=False):
+            f = finals[(finals["arm"] == arm) & (finals["seed"] == seed)].iloc[0]
+            at_final = (f"{format_count(f['tokens_saved'])} ({f['tokens_saved_pct']:.1f}%) at the final loss"
+                        if np.isfinite(f["tokens_saved"]) else "final loss not reached")
+            ax.plot(s["loss"], s["tokens_saved"], color=ARM_COLOURS.get(arm), lw=1.2,
+                    label=f"{ARM_LABELS.get(arm, arm)}, seed {seed}: {at_final}")
+            ax.plot([f["final_loss"]], [f["tokens_saved"]], "o", color=ARM_COLOURS.get(arm), ms=5)
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.invert_xaxis()  # training runs from high loss to low
+        tokens_axis(ax.yaxis)
+        ax.set_xlabel("smoothed training loss first reached (nats/token)")
+        ax.set_ylabel("tokens saved against the fixed batch")
+        window = int(levels["window"].max())
+        ax.set_title(f"tokens saved per loss level (smoothing window {window} steps)", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def schedule(run_dirs, out: str | os.PathLike) -> list[Path]:
+    """Draw the schedule comparison of the runs in `run_dirs` (any number of arms and seeds) to `<out>.png`,
+    `<out>.pdf`, the plotted curves to `<out>.parquet` (panel, arm, tokens, mean, min, max, n_seeds) and,
+    with a constant arm and another, the tokens saved to `<out>-tokens-saved.parquet` (per loss level) and
+    `<out>-tokens-saved-final.parquet` (at the reference's final smoothed loss); return the paths."""
+    from gnsrepro.runs import load_run
+
+    runs = [load_run(r, need_gns=False) for r in run_dirs]
+    if not runs:
+        raise ConfigError("figure=schedule needs run directories: run=[DIR1,DIR2,...]")
+    arms = group_arms(runs)
+    loss, batch = arm_curves(arms, "loss"), arm_curves(arms, "batch_size")
+    levels = finals = None
+    if REFERENCE_ARM in arms and len(arms) > 1:
+        levels, finals = saved_tokens(arms)
+    seeds = sorted({s for a in arms.values() for s in a})
+    longest = format_count(max(r.metrics["tokens"].max() for r in runs))
+    title = (f"Batch-size schedules ({', '.join(ARM_LABELS.get(a, a) for a in arms)}; seeds "
+             f"{', '.join(map(str, seeds))}): {run_description(runs[0], tokens=f'up to {longest}')}")
+    fig = draw_schedule(loss, batch, levels, finals, title)
+    values = pd.concat([loss.assign(panel="loss"), batch.assign(panel="batch_size")], ignore_index=True)
+    paths = save(fig, out, values)
+    if levels is not None:
+        stem = output_stem(out)
+        for suffix, frame in (("-tokens-saved", levels), ("-tokens-saved-final", finals)):
+            paths.append(stem.with_name(stem.name + suffix + ".parquet"))
+            frame.to_parquet(paths[-1], index=False)
+    return paths
