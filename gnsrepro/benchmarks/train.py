@@ -16,6 +16,7 @@ from datetime import date
 
 import torch
 
+from gnsrepro.data.tokenizer import EOT
 from gnsrepro.errors import ConfigError
 from gnsrepro.train import build_step, peak_flops, resolve_dtype, train_step
 
@@ -44,8 +45,9 @@ def _prepare(cfg, gns_cfg, device: torch.device):
     seq_len = cfg.seq_len or cfg.model.block_size
     parts = build_step(cfg.model, gns_cfg, OptimConfig(), device, resolve_dtype(cfg.dtype, device), cfg.compile,
                        micro_batch_size=cfg.micro_batch_size)
-    x = torch.randint(0, 50257, (cfg.micro_batch_size, seq_len), device=device)
-    y = torch.randint(0, 50257, (cfg.micro_batch_size, seq_len), device=device)
+    tokens = min(cfg.model.vocab_size, EOT + 1)  # GPT-2's ids, or all of a smaller model's (data.vocab_limit)
+    x = torch.randint(0, tokens, (cfg.micro_batch_size, seq_len), device=device)
+    y = torch.randint(0, tokens, (cfg.micro_batch_size, seq_len), device=device)
     lr = OptimConfig().lr
 
     def step():

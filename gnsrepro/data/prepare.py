@@ -11,6 +11,13 @@ the corpus order, a byte budget or added files, and duplicated documents never s
 document hashes into val, the last document goes there, so val is never empty (only this fallback can put a
 copy of a training document in val).
 
+Vocabulary limit (data.vocab_limit=V, the tiny scale's): after tokenising, the V - 1 most frequent GPT-2 ids of
+the train split (ties by the lower id; EOT always among them) become ids 0..V-2 in order of frequency and every
+other id becomes V - 1, the rare token; val is mapped with the train split's table. Such a set lives in its own
+directory, data_dir/<name>-v<V> (`dataset_dir`), and its meta.json lists the kept GPT-2 ids ("vocab"), which
+`decode` reads. A model then needs only V output rows instead of GPT-2's 50257: on a CPU the output head and its
+cross-entropy are most of a tiny model's step (docs/benchmarks.md, "The tiny scale's vocabulary").
+
 Atomicity: files are written to a staging directory and renamed into place, meta.json last; meta.json is
 the marker of a complete data set, and `verify` checks the files against the sizes and hashes it records.
 """
@@ -24,12 +31,13 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shlex
 import shutil
 import sys
 import sysconfig
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +53,19 @@ _CHUNK_BYTES = 1 << 20  # text per task sent to a worker: large enough to amorti
 _CHUNKS_IN_FLIGHT_PER_PROC = 4  # bounds memory: the pool never holds more than this many chunks per worker
 _PARQUET_BATCH_ROWS = 1024
 _STAGING_PREFIX = ".prepare-"
+GPT2_VOCAB = EOT + 1  # GPT-2 BPE's token ids are below this; data.vocab_limit takes 2 to this
+_REMAP_BLOCK_TOKENS = 1 << 24  # tokens read at once when counting and mapping them for data.vocab_limit (32 MB)
+_LIMITED_DIR = re.compile(r"^(?P<name>.+)-v(?P<limit>[0-9]+)$")  # dataset_dir's name of a vocabulary-limited set
 
 
 class DataError(RuntimeError):
     """A data set that is missing, malformed or misconfigured; the message says how to fix it."""
+
+
+def dataset_dir(cfg: DataConfig) -> Path:
+    """The directory of cfg's prepared data set: data_dir/<name>, or data_dir/<name>-v<V> for data.vocab_limit=V,
+    so that a vocabulary-limited set never replaces the full-vocabulary one (or one limited otherwise)."""
+    return Path(cfg.data_dir) / (cfg.name if cfg.vocab_limit is None else f"{cfg.name}-v{cfg.vocab_limit}")
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -297,6 +314,102 @@ class _SplitWriter:
         self.file.close()
 
 
+# ------------------------------------------------------------------------------------ vocabulary limit
+
+
+def vocab_table(counts: np.ndarray, vocab_limit: int) -> np.ndarray:
+    """The GPT-2 ids that data.vocab_limit=V keeps, in their new order: new id i is GPT-2 id vocab_table(...)[i].
+
+    counts[t] is how often GPT-2 id t occurs in the train split (ids past the end of counts count 0). The
+    V - 1 ids that occur most often, the more frequent first and ties by the lower id; EOT is always one of
+    them: when it is not frequent enough it replaces the last one (it is then the least frequent kept, and its
+    id, the largest, puts it after any tie, so the order stays that of frequency). Every other id becomes
+    V - 1, the rare token (`vocab_lookup`). A corpus of fewer than V - 1 distinct ids also keeps ids it never
+    uses (count 0, in id order), so the set's ids always run to V - 1.
+    """
+    if not 2 <= vocab_limit <= GPT2_VOCAB:
+        raise DataError(f"data.vocab_limit={vocab_limit} must be in [2, {GPT2_VOCAB}] (or null: GPT-2's whole "
+                        "vocabulary)")
+    full = np.zeros(GPT2_VOCAB, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)[:GPT2_VOCAB]
+    full[:counts.size] = counts
+    order = np.argsort(-full, kind="stable")  # by falling count; a stable sort keeps ties in id order
+    kept = order[:vocab_limit - 1]
+    if EOT not in kept:
+        kept = np.append(order[:vocab_limit - 2], EOT)
+    return kept.astype(np.int64)
+
+
+def vocab_lookup(vocab: Sequence[int], vocab_limit: int) -> np.ndarray:
+    """(2**16,) array of DTYPE: the new id of each GPT-2 id (indexable by a uint16 token file's values).
+
+    vocab[i] -> i (`vocab_table`'s order), every id not in vocab -> vocab_limit - 1, the rare token.
+    """
+    lookup = np.full(2**16, vocab_limit - 1, dtype=DTYPE)
+    lookup[np.asarray(vocab, dtype=np.int64)] = np.arange(len(vocab), dtype=DTYPE)
+    return lookup
+
+
+def decode(ids: Iterable[int], meta: dict, rare: str = "<|rare|>") -> str:
+    """The text of token ids read from a prepared data set whose meta.json is meta.
+
+    A full-vocabulary set holds GPT-2 ids; a vocabulary-limited one (meta["vocab"]: the kept GPT-2 ids in their
+    new order) holds new ids, each mapped back to its GPT-2 id, and its rare token (id vocab_size - 1, the
+    merged ids, which cannot be told apart) is written as `rare`. EOT decodes as "<|endoftext|>".
+    """
+    encoder = get_tokenizer()
+    ids = [int(i) for i in ids]
+    vocab = meta.get("vocab")
+    if vocab is None:
+        return encoder.decode(ids)
+    pieces, run = [], []
+    for i in ids:
+        if i < len(vocab):
+            run.append(vocab[i])
+            continue
+        if i != meta["vocab_size"] - 1:
+            raise DataError(f"token id {i} is not below this data set's vocab_size {meta['vocab_size']}")
+        pieces += [encoder.decode_bytes(run), rare.encode("utf-8")]
+        run = []
+    pieces.append(encoder.decode_bytes(run))
+    return b"".join(pieces).decode("utf-8", errors="replace")
+
+
+def _token_blocks(path: Path) -> Iterator[np.ndarray]:
+    """The tokens of a token file in blocks of _REMAP_BLOCK_TOKENS, so memory stays bounded however large it is."""
+    with open(path, "rb") as f:
+        while (block := np.fromfile(f, dtype=DTYPE, count=_REMAP_BLOCK_TOKENS)).size:
+            yield block
+
+
+def _limit_vocabulary(staging: Path, writers: dict, vocab_limit: int) -> tuple[list[int], dict[str, int]]:
+    """Rewrite the staged train.bin and val.bin with ids below vocab_limit, by the train split's table.
+
+    Counts the train split's ids, builds vocab_table from them, and maps both splits through vocab_lookup into
+    new files that replace the staged ones; writers[split] becomes the new file's writer (tokens, sha256).
+    Returns the kept GPT-2 ids in their new order (meta.json's "vocab") and each split's count of rare tokens.
+    """
+    counts = np.zeros(2**16, dtype=np.int64)
+    for block in _token_blocks(staging / "train.bin"):
+        counts += np.bincount(block, minlength=2**16)
+    vocab = vocab_table(counts, vocab_limit)
+    lookup = vocab_lookup(vocab, vocab_limit)
+    rare = {"train": 0, "val": 0}
+    for split in ("train", "val"):
+        source, limited = staging / f"{split}.bin", staging / f"{split}.limited.bin"
+        writer = _SplitWriter(limited)
+        try:
+            for block in _token_blocks(source):
+                mapped = lookup[block]
+                rare[split] += int(np.count_nonzero(mapped == vocab_limit - 1))
+                writer.write(mapped)
+        finally:
+            writer.close()
+        os.replace(limited, source)
+        writers[split] = writer
+    return vocab.tolist(), rare
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -330,6 +443,9 @@ def _check_settings(cfg: DataConfig) -> int:
         raise DataError(f"data.max_bytes must be positive, got {cfg.max_bytes}")
     if cfg.name == "textdir" and not cfg.path:
         raise DataError("data=textdir needs data.path=DIR (a directory of text files)")
+    if cfg.vocab_limit is not None and not 2 <= cfg.vocab_limit <= GPT2_VOCAB:
+        raise DataError(f"data.vocab_limit={cfg.vocab_limit} must be in [2, {GPT2_VOCAB}] (or null: GPT-2's whole "
+                        "vocabulary)")
     return _num_processes(cfg.num_proc)
 
 
@@ -356,7 +472,7 @@ def _make_dirs(directory: Path) -> list[Path]:
 
 
 def prepare(cfg: DataConfig) -> Path:
-    """Tokenise cfg's corpus into data_dir/name/{train.bin,val.bin,meta.json}; returns that directory.
+    """Tokenise cfg's corpus into dataset_dir(cfg)/{train.bin,val.bin,meta.json}; returns that directory.
 
     An existing data set of the same name is replaced; a prepare that is killed midway leaves the previous
     one (or none) in place, never a mixture. Settings, source and tokenizer are checked before anything is
@@ -365,7 +481,7 @@ def prepare(cfg: DataConfig) -> Path:
     processes = _check_settings(cfg)
     description, documents = _source(cfg)
     get_tokenizer()  # TokenizerUnavailable here, before any directory exists
-    directory = Path(cfg.data_dir) / cfg.name
+    directory = dataset_dir(cfg)
     created = _make_dirs(directory)
     try:
         return _prepare_into(cfg, directory, description, documents, processes)
@@ -402,6 +518,7 @@ def _prepare_into(cfg: DataConfig, directory: Path, description: dict, documents
                 f"data={cfg.name}: found {counts['val']['documents']} non-empty document(s){where}; "
                 "need at least 2 (one for train, one for val)"
             )
+        vocab, rare = (None, {}) if cfg.vocab_limit is None else _limit_vocabulary(staging, writers, cfg.vocab_limit)
         meta = {
             "name": cfg.name,
             "source": {
@@ -419,11 +536,19 @@ def _prepare_into(cfg: DataConfig, directory: Path, description: dict, documents
                     "documents": counts[split]["documents"],
                     "bytes": counts[split]["bytes"],
                     "sha256": writers[split].sha256.hexdigest(),
+                    **({"rare_tokens": rare[split]} if split in rare else {}),
                 }
                 for split in ("train", "val")
             },
             "dtype": np.dtype(DTYPE).name,
             "tokenizer": {"name": TOKENIZER_NAME, "eot": EOT},
+            "vocab_limit": cfg.vocab_limit,
+            "vocab_size": GPT2_VOCAB if vocab is None else cfg.vocab_limit,
+            **({} if vocab is None else {
+                "vocab_rule": "id i is GPT-2 id vocab[i]: the vocab_limit - 1 most frequent ids of the train split, "
+                              "ties by id, EOT always kept; id vocab_limit - 1 is every other id (rare)",
+                "vocab": vocab,
+            }),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - started, 1),
             "gnsrepro_version": _version(),
@@ -453,7 +578,7 @@ def run_prepare(cfg: DataConfig, force: bool = False) -> Path:
     needs force=True, which rebuilds in any case.
     """
     _check_settings(cfg)
-    directory = Path(cfg.data_dir) / cfg.name
+    directory = dataset_dir(cfg)
     if not force and (directory / "meta.json").exists():
         meta, problem = _read_meta(directory), None
         differing = _differing_settings(cfg, meta) if meta is not None else []
@@ -473,10 +598,14 @@ def run_prepare(cfg: DataConfig, force: bool = False) -> Path:
     directory = prepare(cfg)
     meta = json.loads((directory / "meta.json").read_text())
     source, splits = meta["source"], meta["splits"]
+    limited = "" if meta.get("vocab") is None else (
+        f"; vocabulary of {meta['vocab_size']:,}: the {len(meta['vocab']):,} most frequent GPT-2 tokens, one rare "
+        f"({splits['train']['rare_tokens'] / splits['train']['tokens']:.1%} of train tokens, "
+        f"{splits['val']['rare_tokens'] / max(splits['val']['tokens'], 1):.1%} of val)")
     print(
         f"prepared {directory}: {source['documents']:,} documents, {source['bytes']:,} bytes -> "
         f"train {splits['train']['tokens']:,} tokens ({splits['train']['documents']:,} docs), "
-        f"val {splits['val']['tokens']:,} tokens ({splits['val']['documents']:,} docs) in {meta['seconds']} s"
+        f"val {splits['val']['tokens']:,} tokens ({splits['val']['documents']:,} docs) in {meta['seconds']} s{limited}"
     )
     return directory
 
@@ -512,8 +641,8 @@ def prepare_command(cfg: DataConfig) -> str:
     """The `gnsrepro prepare` command line that prepares cfg's data set with cfg's settings.
 
     Names data.path (DIR when textdir has none) and every setting that decides the token files or where
-    they go (data.data_dir, data.max_bytes, data.val_fraction, data.hf_dataset) whose value is not the
-    one `gnsrepro prepare data=<name>` takes by default.
+    they go (data.data_dir, data.max_bytes, data.val_fraction, data.hf_dataset, data.vocab_limit) whose value
+    is not the one `gnsrepro prepare data=<name>` takes by default.
     """
     defaults = _data_defaults(cfg.name)
     parts = ["gnsrepro", "prepare", f"data={cfg.name}"]
@@ -524,18 +653,27 @@ def prepare_command(cfg: DataConfig) -> str:
     keys = ["data_dir", "val_fraction"]
     keys += ["max_bytes"] if cfg.name == "pycode" else []
     keys += ["hf_dataset"] if cfg.name == "openwebtext" and not cfg.path else []
+    keys += ["vocab_limit"]
     parts += [f"data.{key}={getattr(cfg, key)}" for key in keys if getattr(cfg, key) != defaults.get(key)]
     return " ".join(shlex.quote(part) if part != "data.path=DIR" else part for part in parts)
 
 
 def _config_of(meta: dict, directory: Path) -> DataConfig:
-    """The DataConfig that prepared a data set, as its meta.json records it (for the command that redoes it)."""
-    name, source = meta.get("name", directory.name), meta.get("source", {})
+    """The DataConfig that prepared a data set, as its meta.json records it (for the command that redoes it).
+
+    Without a meta.json, the name and vocab_limit are read off the directory's name (`dataset_dir`).
+    """
+    name, vocab_limit = directory.name, None
+    limited = _LIMITED_DIR.match(directory.name)
+    if limited and limited["name"] in DATA_NAMES:
+        name, vocab_limit = limited["name"], int(limited["limit"])
+    name, vocab_limit = meta.get("name", name), meta.get("vocab_limit", vocab_limit)
+    source = meta.get("source", {})
     defaults = _data_defaults(name)
     return DataConfig(name=name, path=source.get("path"), data_dir=str(directory.parent),
                       max_bytes=source.get("max_bytes") or defaults["max_bytes"],
                       val_fraction=meta.get("val_fraction", defaults["val_fraction"]),
-                      hf_dataset=source.get("hf_dataset") or defaults["hf_dataset"])
+                      hf_dataset=source.get("hf_dataset") or defaults["hf_dataset"], vocab_limit=vocab_limit)
 
 
 def _read_meta(directory: Path) -> dict | None:
@@ -589,9 +727,12 @@ def source_settings(cfg: DataConfig) -> dict:
     """The settings of cfg that decide its data set's token files, by command-line key.
 
     data.val_fraction always; data.max_bytes for pycode; data.path (resolved) when given, else for
-    openwebtext data.hf_dataset (a download). The tokenizer is fixed by this version (GPT-2 BPE).
+    openwebtext data.hf_dataset (a download); data.vocab_limit when set. The tokenizer is fixed by this
+    version (GPT-2 BPE).
     """
     settings: dict = {"data.val_fraction": cfg.val_fraction}
+    if cfg.vocab_limit is not None:
+        settings["data.vocab_limit"] = cfg.vocab_limit
     if cfg.name == "pycode":
         settings["data.max_bytes"] = cfg.max_bytes
     if cfg.path:
@@ -609,12 +750,13 @@ def _differing_settings(cfg: DataConfig, meta: dict) -> list[str]:
     """
     source = meta.get("source", {})
     prepared = {"data.val_fraction": meta.get("val_fraction"), "data.max_bytes": source.get("max_bytes"),
-                "data.path": source.get("path"), "data.hf_dataset": source.get("hf_dataset")}
-    asked = source_settings(cfg)
+                "data.path": source.get("path"), "data.hf_dataset": source.get("hf_dataset"),
+                "data.vocab_limit": meta.get("vocab_limit")}  # None in a set from before data.vocab_limit: GPT-2's
+    asked = {**source_settings(cfg), "data.vocab_limit": cfg.vocab_limit}  # compared also when unset
     if cfg.name == "openwebtext" and not cfg.path and source.get("path"):
         asked.pop("data.hf_dataset")
     differing = [f"data={cfg.name} (prepared: {meta.get('name')})"] if meta.get("name") != cfg.name else []
-    differing += [f"{key}={value} (prepared: {prepared[key]})" for key, value in asked.items()
+    differing += [f"{key}={_override(value)} (prepared: {_override(prepared[key])})" for key, value in asked.items()
                   if prepared.get(key) != value]
     tokenizer = {"name": TOKENIZER_NAME, "eot": EOT}
     if meta.get("tokenizer") != tokenizer or meta.get("dtype") != np.dtype(DTYPE).name:
@@ -623,14 +765,19 @@ def _differing_settings(cfg: DataConfig, meta: dict) -> list[str]:
     return differing
 
 
+def _override(value) -> str:
+    """A setting's value as a command line writes it (None as Hydra's null)."""
+    return "null" if value is None else str(value)
+
+
 def check_prepared_settings(cfg: DataConfig) -> dict | None:
     """Refuse a prepared data set made with other settings than cfg asks for; its meta.json when it matches.
 
     Raises DataError naming each differing setting (asked, and prepared) and the `gnsrepro prepare`
-    command that rebuilds the set as asked. Returns None when data_dir/name holds no readable meta.json
+    command that rebuilds the set as asked. Returns None when dataset_dir(cfg) holds no readable meta.json
     (nothing prepared, or a broken set that verify reports). Reads meta.json only; the files are verify's.
     """
-    directory = Path(cfg.data_dir) / cfg.name
+    directory = dataset_dir(cfg)
     meta = _read_meta(directory)
     if meta is None:
         return None
@@ -648,12 +795,15 @@ def data_identity(meta: dict) -> dict:
     """What identifies the token files of a prepared data set, from its meta.json (plain, JSON-able values).
 
     {"name", "source": the source's settings (path, max_bytes, hf_dataset; not its counts), "val_fraction",
-    "tokenizer", "dtype", "splits": {split: {"file", "tokens", "sha256"}}}. Equal identities mean the same
+    "tokenizer", "dtype", "splits": {split: {"file", "tokens", "sha256"}}}, and "vocab_limit" for a
+    vocabulary-limited set (left out otherwise, so a full set keeps the identity it had before data.vocab_limit
+    existed, and its checkpoints resume). Equal identities mean the same
     tokens in the same files (the sha256 of each); when the files were made (created, seconds, version) is
     left out, so a set rebuilt identically keeps its identity. A checkpoint stores it; a resumed run
     compares it with the data set it finds.
     """
     source = meta.get("source", {})
+    limited = {} if meta.get("vocab_limit") is None else {"vocab_limit": meta["vocab_limit"]}
     return {
         "name": meta.get("name"),
         "source": {key: value for key, value in source.items() if key not in ("documents", "bytes")},
@@ -662,6 +812,7 @@ def data_identity(meta: dict) -> dict:
         "dtype": meta.get("dtype"),
         "splits": {split: {"file": info["file"], "tokens": info["tokens"], "sha256": info["sha256"]}
                    for split, info in sorted(meta["splits"].items())},
+        **limited,
     }
 
 
@@ -672,7 +823,7 @@ def ensure_prepared(cfg: DataConfig, prepare_missing: bool) -> Path:
     not rebuilt: another run may be reading it.
     """
     _check_name(cfg)
-    directory = Path(cfg.data_dir) / cfg.name
+    directory = dataset_dir(cfg)
     if not (directory / "meta.json").is_file():
         command = prepare_command(cfg)
         if not prepare_missing:
