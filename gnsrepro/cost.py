@@ -82,7 +82,7 @@ def layernorm_only(B: int, T: int, N: int) -> Cost:
     over b of both into dγ, dβ (2·B·N), about 3·B·T·N, plus squaring both (2·B·N) and summing them over
     N (2·B·N). This counts the whole per-example reduction, although a fused LayerNorm backward
     computes dy·x̂ anyway; it is an upper bound on the extra work. Bytes: dy and x̂ are already in
-    registers in the LayerNorm backward (PAPER: "no second pass over the activations"); what is added
+    registers in the LayerNorm backward (docs/method.md, "The LayerNorm kernel"); what is added
     is the (B, N) fp32 partial sums of dγ_b and dβ_b, written and read back once, and 2·B norms.
     """
     flops = 3 * B * T * N + 2 * B * N + 4 * B * N
@@ -122,7 +122,7 @@ def model_forward_backward(config: GPTConfig, seq_len: int, batch_size: int, byt
     Bytes, an approximation that counts the large tensors only: every Linear reads x and writes y in
     the forward, reads dy and W and writes dx in the backward, and reads x and dy and writes dW for
     the weight gradient, i.e. 3·B·T·(K + L) activations and 3·K·L weight elements (W read twice, dW
-    written once); every LayerNorm moves 2·B·T·d forward and 3·B·T·d backward (PAPER, "The
+    written once); every LayerNorm moves 2·B·T·d forward and 3·B·T·d backward (docs/method.md, "The
     LayerNorm kernel"); flash attention reads q, k, v and writes o (4·B·T·d) forward and reads q, k,
     v, o, do and writes dq, dk, dv (8·B·T·d) backward; GELU moves 2·B·T·4d forward and 3·B·T·4d
     backward. Residual adds, dropout, the loss and the optimizer are left out.
@@ -187,7 +187,7 @@ def seq_len_sweep(
     config: GPTConfig, seq_lens=SWEEP_SEQ_LENS, batch_size: int = 1, bytes_per_element: int = 2
 ) -> pd.DataFrame:
     """Extra FLOPs and bytes of each per-example method, absolute and as a fraction of the model, against
-    seq_len: the paper's FLOP / I/O figure (fig. 5).
+    seq_len: the paper's FLOP / I/O figure (p. 5).
 
     Columns: seq_len, method, extra_flops, extra_bytes (`model_costs`' extras, for batch_size sequences),
     model_flops, model_bytes (`model_forward_backward`) and extra_{flops,bytes}_fraction (their ratios).

@@ -1,9 +1,9 @@
 """Per-example squared gradient norms, produced inside the backward pass of instrumented layers.
 
-Why: the gradient noise scale needs |g_b|², the squared norm of each example's own gradient (PAPER.md,
-"Gradient noise scale": B_small = 1 is the lowest-variance estimator). Materialising every g_b costs
+Why: the gradient noise scale needs |g_b|², the squared norm of each example's own gradient (docs/method.md,
+"Three sources of small batches": B_small = 1 is the lowest-variance estimator). Materialising every g_b costs
 B copies of the model; each layer type below gets |g_b|² from the tensors its backward pass already
-holds (PAPER.md, "Per-example gradient norms"):
+holds (docs/method.md, section 2, "Per-example gradient norms"):
 
 - Linear, 3-D input (B, T, K): "simultaneous" (the paper, section 3): G_b = dy_bᵀ x_b by one batched
   matmul, |G_b|² from it and the weight gradient dW = Σ_b G_b from the same matmul; or "ghost" (Li et
@@ -557,8 +557,8 @@ def per_example_sqnorms(model: nn.Module, idx: torch.Tensor, targets: torch.Tens
                         ln_backend: str | None = None) -> dict[str, torch.Tensor]:
     """{parameter name: (B,) |g_b|²}, g_b = the gradient of example b's own mean token loss.
 
-    One forward and backward through the model's instrumented layers (DESIGN.md, "The per-example norm
-    contract"); p.grad accumulates as after loss.backward(). layers="all" covers every trainable
+    One forward and backward through the model's instrumented layers (docs/method.md, section 2,
+    "The contract"); p.grad accumulates as after loss.backward(). layers="all" covers every trainable
     parameter (the tied embedding as one), "ln" every LayerNorm weight and bias. ln_backend overrides
     the LayerNorms' backend for this call (None: as built). The model's own sinks (training state) are
     set aside and restored. Values are float32 (float64 for a float64 model).

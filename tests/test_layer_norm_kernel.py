@@ -1,4 +1,4 @@
-"""Triton LayerNorm with per-example gradient norms: the chain of checks of STYLE.md.
+"""Triton LayerNorm with per-example gradient norms: a chain of checks, each stage against the one before it.
 
 torch.func vmap per-example gradients (float64) -> plain-PyTorch reference formulas -> Triton kernel,
 and the kernel against torch.nn.functional.layer_norm's autograd. CPU runs the kernels in Triton's

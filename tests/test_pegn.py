@@ -1,7 +1,7 @@
 """Per-example gradient norms of the instrumented layers against torch.func per-example gradients.
 
-The chain of checks (STYLE.md): torch.func vmap(grad) of each example's own mean token loss, float64
--> the instrumented layers' sinks (plain PyTorch) -> the Triton LayerNorm kernel.
+The chain of checks: torch.func vmap(grad) of each example's own mean token loss, float64 (the reference)
+-> the instrumented layers' sinks (plain-PyTorch per-example formulas) -> the Triton LayerNorm kernel.
 
 Tolerances:
 - float64, loss computed in float64 from the logits: rtol 1e-9 (sums over a few hundred terms).
@@ -148,7 +148,8 @@ def test_gradient_accumulation_sums_over_micro_batches(mode, method):
 
 @pytest.mark.parametrize("layers", ["all", "ln"])
 def test_per_example_sqnorms_contract(layers):
-    """DESIGN.md's entry point, through GPT's own loss (float64 model, fp32 cross-entropy)."""
+    """The entry point of docs/method.md's per-example norm contract, through GPT's own loss (float64 model,
+    fp32 cross-entropy)."""
     plain, model = twins(instrumented_layers(layers))  # method "auto"
     idx, targets = batch(5)
     got = per_example_sqnorms(model, idx, targets, layers=layers)

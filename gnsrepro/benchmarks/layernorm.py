@@ -16,7 +16,7 @@ before each call so that no input sits in L2 (50 MB on an H100). Three ways:
           graph's launch latency (``graph_launch_us``, a graph of one tiny kernel, a few µs);
   stream  graphs of (flush, call) and (flush) alone, the difference of their replay times: the call's
           device time right after another kernel, as a layer runs inside a training step.
-Bytes counted per forward+backward (PAPER.md, "The LayerNorm kernel"): forward 2·M·N·b (read x,
+Bytes counted per forward+backward (docs/method.md, "The LayerNorm kernel"): forward 2·M·N·b (read x,
 write y) + backward 3·M·N·b (read x and dy, write dx), b = bytes per element. Not counted: γ, β and
 their gradients, the fp32 mean/rstd (8·M bytes each way), the kernel's fp32 partial sums (about
 2 · programs · N · 4 bytes each way) and the (B, k) norms: all O(B·N + M), under 5% here.

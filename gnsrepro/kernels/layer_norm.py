@@ -2,8 +2,8 @@
 
     y = x̂ ⊙ γ + β,   x̂ = (x − mean) · rstd   (per row of N features; statistics in fp32)
 
-For x of shape (B, T, N) the per-example parameter gradients are (PAPER.md, "Per-example gradient
-norms"):
+For x of shape (B, T, N) the per-example parameter gradients are (docs/method.md, section 2,
+"LayerNorm"):
 
     dγ_b = Σ_t dy_{b,t} ⊙ x̂_{b,t},   dβ_b = Σ_t dy_{b,t}      (sum over the example's T rows first)
 
@@ -17,7 +17,8 @@ as the sink's *gradient* (column 0: |dγ_b|², column 1: |dβ_b|²), computed fr
 is. Autograd accumulates them into ``sink.grad``, so with gradient accumulation over micro-batches
 the per-example sums simply add up.
 
-Kernels (one file, as DESIGN.md asks):
+Kernels (all in this file, beside their launchers, the autograd Function and the plain-PyTorch reference
+``layer_norm_per_example_reference``):
 - ``_layer_norm_fwd_kernel``: one tile of BLOCK_M rows per program; writes y and the fp32 (mean, rstd).
 - ``_layer_norm_bwd_kernel``: each program owns a contiguous run of rows (whole examples, or one
   chunk of one example), keeps the partial dγ/dβ sums in fp32 registers while it writes dx, and
