@@ -23,9 +23,10 @@ test: install
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
 
+# every experiment of the scale (conf/plan/$(SCALE).yaml), its figures and outputs/reproduce/$(SCALE)/REPORT.md;
+# PART=name runs one part (PART=report only rebuilds the report)
 reproduce: install
-	$(BIN)/gnsrepro prepare data=pycode
-	$(BIN)/gnsrepro train scale=$(SCALE) out_dir=outputs/reproduce-$(SCALE) resume=true
+	$(BIN)/gnsrepro reproduce plan=$(SCALE) $(if $(PART),part=$(PART))
 
 bench: install
 	$(BIN)/gnsrepro bench layernorm

@@ -57,6 +57,15 @@ QUANTITIES = {"tokens": "tokens", "steps": "step", "time": "time_s"}
 REACHED, NEVER_REACHED, ABOVE_START = "reached", "never_reached", "above_start"
 
 
+def smoothing_window(*metrics: pd.DataFrame) -> int:
+    """The loss-curve smoothing window of `loss_curve` for these runs: its default
+    SMOOTH_WINDOW, or an odd window of at most an eighth of the shortest run's logged losses, so that
+    the curve keeps at least half of its points after the windows' reach is trimmed at both ends."""
+    n = min(int(np.isfinite(m["loss"].to_numpy(dtype=float)).sum()) for m in metrics)
+    window = min(SMOOTH_WINDOW, max(1, n // 8))
+    return window if window % 2 else window - 1
+
+
 def loss_curve(metrics: pd.DataFrame | pd.Series, window: int = SMOOTH_WINDOW, loss_column: str = "loss",
                name: str = "curve") -> pd.DataFrame:
     """One run's smoothed, monotone loss curve (the module docstring says how).

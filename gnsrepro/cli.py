@@ -21,6 +21,8 @@ COMMANDS = {
     "cost": "FLOPs and bytes of the per-example-norm methods (the paper's Table 1)",
     "plot": "figures from run directories: plot figure=NAME run=DIR (plot alone lists them)",
     "sweep": "each layer type's GNS against the total's over EMA factors: sweep ema_alpha=0.9,0.99 run=DIR",
+    "variance": "standard error of the GNS estimate against B_small and B_big from a run's model: variance run=DIR",
+    "reproduce": "every experiment, figure and REPORT.md of a scale: reproduce plan=tiny|small|paper [part=NAME]",
 }
 # `gnsrepro bench layernorm ...` and `gnsrepro cost ...`: a bare word after the command is its target
 POSITIONAL = {"bench": "target"}
@@ -110,6 +112,7 @@ def _check_train_jobs(jobs: list[tuple[list[str], object]]) -> None:
         DataError,
         check_prepared_settings,
         check_source,
+        dataset_dir,
         prepare_command,
         source_settings,
     )
@@ -130,13 +133,13 @@ def _check_train_jobs(jobs: list[tuple[list[str], object]]) -> None:
             validate(cfg, world)
             if check_prepared_settings(cfg.data) is None:  # not prepared: the job will prepare it
                 if not cfg.prepare_missing:
-                    raise DataError(f"no prepared data in {Path(cfg.data.data_dir, cfg.data.name)} and "
+                    raise DataError(f"no prepared data in {dataset_dir(cfg.data)} and "
                                     f"prepare_missing=false; run `{prepare_command(cfg.data)}` first")
                 check_source(cfg.data)
         except (ConfigError, DataError) as e:
             problems.append(f"{job}: {e}")
             continue
-        where = str(Path(cfg.data.data_dir, cfg.data.name).resolve())
+        where = str(dataset_dir(cfg.data).resolve())
         settings = source_settings(cfg.data)
         first = data_sets.setdefault(where, (job, settings))
         if first[1] != settings:
@@ -255,13 +258,57 @@ def _plot(cfg) -> None:
     run_plot(cfg)
 
 
+def _reproduce(cfg) -> None:
+    from gnsrepro.reproduce import run_reproduce
+
+    run_reproduce(cfg)
+
+
 def _sweep(cfg) -> None:
     from gnsrepro.sweep import run_sweep
 
     run_sweep(cfg)
 
 
-TASKS = {"prepare": _prepare, "train": _train, "bench": _bench, "cost": _cost, "plot": _plot, "sweep": _sweep}
+def _variance(cfg) -> None:
+    from gnsrepro.variance import run_variance
+
+    run_variance(cfg)
+
+
+TASKS = {"prepare": _prepare, "train": _train, "bench": _bench, "cost": _cost, "plot": _plot, "sweep": _sweep,
+         "reproduce": _reproduce}
+TASKS["variance"] = _variance
+
+
+# settings that take lists, per command: the CLI turns `key=a,b` into `key=[a,b]` (bracket_list_overrides);
+# the second tuple holds the numeric ones (the others are quoted: paths and names)
+LIST_KEYS = {"sweep": (("ema_alpha", "run", "group", "source"), ("ema_alpha",)),
+             "plot": (("run", "alphas"), ("alphas",))}
+LIST_KEYS["variance"] = (("points", "b_small", "b_big"), ("b_small", "b_big"))
+
+
+def bracket_list_overrides(argv: list[str], command: str = "sweep") -> list[str]:
+    """`key=a,b` -> `key=[a,b]` (and `key=a` -> `key=[a]`) for the list keys of `command` (LIST_KEYS).
+
+    Hydra reads a bare comma list as a sweep, which it accepts only under -m, and a single value as a scalar
+    that a list setting refuses; lists such as the sweep's are written most naturally as `ema_alpha=0.9,0.99`
+    and `run=DIR`, so those are rewritten into Hydra's list syntax. Values already in brackets pass through;
+    directory and group names are quoted, so a path may hold characters Hydra's grammar reserves.
+    """
+    keys, numeric = LIST_KEYS.get(command, ((), ()))
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        name = key.lstrip("+")
+        if not sep or name not in keys or value.startswith("["):
+            out.append(arg)
+            continue
+        items = [v for v in value.split(",") if v != ""]
+        if name not in numeric:
+            items = ["'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in items]
+        out.append(f"{key}=[{','.join(items)}]")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -274,10 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"gnsrepro: unknown command {command!r}; accepted: {', '.join(TASKS)}\n\n{_usage()}")
     if command in POSITIONAL and argv and "=" not in argv[0] and not argv[0].startswith("-"):
         argv[0] = f"{POSITIONAL[command]}={argv[0]}"
-    if command == "sweep":  # ema_alpha=0.9,0.99 and run=DIR are lists there, not a Hydra sweep and a scalar
-        from gnsrepro.sweep import bracket_list_overrides
-
-        argv = bracket_list_overrides(argv)
+    argv = bracket_list_overrides(argv, command)  # ema_alpha=0.9,0.99, run=DIR: lists, not a sweep or a scalar
     sys.argv = [f"gnsrepro {command}", *argv]
     from gnsrepro.errors import exit_on_user_error
 

@@ -41,6 +41,9 @@ class DataConfig:
     val_fraction: float = 0.005  # share of documents held out for validation
     num_proc: int = 0  # tokenisation processes; 0 = one per CPU core
     hf_dataset: str = "Skylion007/openwebtext"  # openwebtext when online
+    # V: keep the V - 1 most frequent GPT-2 tokens of the train split, the rest as one rare token (ids < V), in
+    # data_dir/<name>-v<V>; the tiny scale's, whose step the 50304-wide output head would dominate. None: GPT-2's
+    vocab_limit: Optional[int] = None
 
 
 @dataclass
@@ -153,7 +156,7 @@ class BenchConfig:
     compile: bool = True
     dtype: str = "auto"
     device: str = "auto"
-    out: Optional[str] = None  # parquet written here when given (layernorm: outputs/bench/layernorm.parquet)
+    out: Optional[str] = None  # parquet of the results (layernorm: default outputs/bench/layernorm.parquet)
 
 
 @dataclass
@@ -178,6 +181,24 @@ class SweepConfig:
     skip_fraction: float = 0.1  # share of the first steps left out of every statistic (initialisation)
     diff_every: Optional[int] = None  # detrended r: steps between evaluation points; None = about 32 points
     out: Optional[str] = None  # one parquet for all runs; default <run>/sweep.parquet for each
+    outlier_guard: bool = True  # clip one-step outliers of each component before smoothing, as training does
+
+
+@dataclass
+class VarianceConfig:
+    """`gnsrepro variance run=DIR`: standard error of the GNS estimate against B_small, B_big (gnsrepro.variance)."""
+
+    run: Optional[str] = None  # a `gnsrepro train` run directory
+    points: list[str] = field(default_factory=lambda: ["init", "final"])  # init (from its seed), final (ckpt.pt)
+    examples: int = 256  # N sequences sampled from the run's training data; big batches are drawn from them
+    resamples: int = 1000  # big batches per B_big (the std over them is known to about 1/sqrt(2 x 1000) = 2%)
+    b_small: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    b_big: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # each <= examples
+    params: str = "all"  # all (per layer type and total) | ln (the LayerNorm parameters only)
+    seed: int = 0  # the sampled sequences and the resamples
+    memory_gb: float = 2.0  # per-example gradients held at once; fewer rows than examples: some are recomputed
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data_dir: Optional[str] = None  # where the run's data set is prepared; default the run's data.data_dir
 
 
 @dataclass
@@ -192,6 +213,7 @@ class PlotConfig:
     out: Optional[str] = None  # path stem of the PNG and PDF; default outputs/figures/<figure>
     alpha: float = 0.99  # EMA smoothing of |G|² and S (phase)
     alphas: list[float] = field(default_factory=lambda: [0.9, 0.95, 0.99, 0.995, 0.999])  # correlation
+    outlier_guard: bool = True  # the GNS figures clip one-step outliers before smoothing, as training does
     source: Optional[str] = None  # per_example | microbatch | ddp; default per_example, else microbatch
     model: ModelConfig = field(default_factory=ModelConfig)  # figure=cost: the model costed
     seq_len: Optional[int] = None  # figure=cost: Table 1's sequence length; default model.block_size
@@ -199,9 +221,19 @@ class PlotConfig:
     bytes_per_element: int = 2  # figure=cost
 
 
+@dataclass
+class ReproduceConfig:
+    """`gnsrepro reproduce plan=tiny|small|paper [part=NAME]`: a plan of conf/plan/ (gnsrepro.reproduce)."""
+
+    plan: Any = None  # the parts, figures and report inputs of one scale (conf/plan/<scale>.yaml)
+    part: Optional[str] = None  # run this part alone (or `report`: only rebuild REPORT.md); None: every part
+    force: bool = False  # run a plan marked run_here: false (the paper's scale: days of GPU time)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="reproduce_schema", node=ReproduceConfig)
     for name, node in SCHEDULE_SCHEMAS.items():
         cs.store(group="schedule", name=f"{name}_schema", node=node)
     cs.store(name="prepare_schema", node=PrepareConfig)
@@ -209,3 +241,4 @@ def register_configs() -> None:
     cs.store(name="cost_schema", node=CostConfig)
     cs.store(name="sweep_schema", node=SweepConfig)
     cs.store(name="plot_schema", node=PlotConfig)
+    cs.store(name="variance_schema", node=VarianceConfig)

@@ -2,7 +2,7 @@
 
 For every optimizer step the tracker records, per parameter group, the squared norm of the big-batch
 gradient |G_Bbig|² (B_big = the global batch) and the mean squared norm of small-batch gradients
-|G_Bsmall|² from each source (PAPER.md, "Gradient noise scale"):
+|G_Bsmall|² from each source (docs/method.md, "The gradient noise scale"):
 
 - per_example (B_small = 1): |g_b|² from the instrumented layers' sinks (gnsrepro.pegn), summed over
   every example of every micro-batch on every rank.
@@ -209,7 +209,8 @@ class GNSTracker:
         return out
 
     def drain_rows(self, steps: list[tuple[int, int]]) -> list[dict]:
-        """gns.parquet rows (logs.GNS_COLUMNS) of the steps since the last drain; steps: their (step, tokens).
+        """gns.parquet rows (gnsrepro.schema.GNS_COLUMNS) of the steps since the last drain; steps: their
+        (step, tokens).
 
         One row per step, source and group, with the unbiased |G|² and tr(Σ) estimates of that step
         (gnsrepro.gns); a source with no small batches on a step (NaN) gets no row for it.

@@ -19,18 +19,7 @@ import torch
 
 from gnsrepro.errors import DivergedError
 from gnsrepro.gns import EMAGNS, HampelFilter
-
-# metrics.parquet, one row per optimizer step (README, "Logs")
-METRIC_COLUMNS = {
-    "step": "int64", "tokens": "int64", "batch_size": "int64", "lr": "float64", "loss": "float64",
-    "val_loss": "float64", "grad_norm": "float64", "schedule_gns": "float64", "step_time_s": "float64",
-    "tokens_per_s": "float64", "mfu": "float64",
-}
-# gns.parquet, one row per step, group and source
-GNS_COLUMNS = {
-    "step": "int64", "tokens": "int64", "group": "str", "source": "str", "b_big": "int64", "b_small": "int64",
-    "sqnorm_big": "float64", "sqnorm_small": "float64", "gtg": "float64", "trsigma": "float64",
-}
+from gnsrepro.schema import GNS_COLUMNS, METRIC_COLUMNS
 
 
 class ParquetLog:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from gnsrepro import schema
 from gnsrepro.errors import ConfigError
 
-# The columns README's "Logs" section documents; a table may carry more.
-METRICS_COLUMNS = ("step", "tokens", "batch_size", "lr", "loss", "val_loss", "step_time_s", "tokens_per_s", "mfu")
-GNS_COLUMNS = ("step", "tokens", "group", "source", "b_big", "b_small", "sqnorm_big", "sqnorm_small", "gtg",
-               "trsigma")
+# The columns a table must have (gnsrepro.schema, README "Logs"); a table may carry more.
+METRICS_COLUMNS = tuple(c for c in schema.METRIC_COLUMNS if c not in schema.LATER_METRIC_COLUMNS)
+GNS_COLUMNS = tuple(schema.GNS_COLUMNS)
 
 
 @dataclass

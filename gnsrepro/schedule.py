@@ -3,7 +3,7 @@
 Three schedules, each typed by its own config class (gnsrepro.config, conf/schedule/):
 
 - `constant`: `schedule.batch_size` sequences at every step (the paper's fixed-batch baseline, 120 at 111M).
-- `linear`: the paper's schedule (Gray et al. 2024, section 5.2, "batch size schedule"; the authors' nanoGNS
+- `linear`: the paper's schedule (Gray et al. 2024, the batch-size schedule experiment; the authors' nanoGNS
   code): the batch grows linearly in tokens seen from `start` to `batch_size` over `ramp_tokens`, rounded to a
   whole number of micro-batches x ranks.
 - `gns`: beyond the paper. At most every `interval` steps the batch becomes `multiplier` x the smoothed GNS

@@ -45,7 +45,12 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         need(m[key] > 0, f"model.{key}={m[key]} must be a positive integer")
     need(m.n_embd % m.n_head == 0, f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
-    need(m.vocab_size >= VOCAB, f"model.vocab_size={m.vocab_size} must be >= {VOCAB} (the GPT-2 tokens of the data)")
+    limit = cfg.data.vocab_limit  # the data set's token ids are below it (gnsrepro.data.prepare.vocab_table)
+    need(limit is None or 2 <= limit <= VOCAB,
+         f"data.vocab_limit={limit} must be in [2, {VOCAB}] (tokens kept, the rare one included) or null (GPT-2's)")
+    need(m.vocab_size >= (limit or VOCAB),
+         f"model.vocab_size={m.vocab_size} must be >= {VOCAB} (the GPT-2 tokens of the data)" if limit is None else
+         f"model.vocab_size={m.vocab_size} must be >= data.vocab_limit={limit} (the token ids of its data set)")
     need(0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)")
     need(all(0 <= b < m.n_layer for b in m.cosine_attn_blocks),
          f"model.cosine_attn_blocks={list(m.cosine_attn_blocks)} must name blocks in [0, {m.n_layer})")
@@ -152,7 +157,7 @@ def validate_schedule(cfg: TrainConfig | DictConfig, world_size: int = 1) -> Non
 # and executes change quietly; any other change (learning rate, batch size, ...) is allowed, as when a
 # diverged run is restarted from its last checkpoint with a lower learning rate, and is announced.
 FIXED_ON_RESUME = ("model", "data.name", "data.path", "data.max_bytes", "data.val_fraction", "data.hf_dataset",
-                   "seq_len", "gns.mode", "gns.per_layer")
+                   "data.vocab_limit", "seq_len", "gns.mode", "gns.per_layer")
 QUIET_ON_RESUME = ("max_steps", "max_tokens", "eval_interval", "log_interval", "checkpoint_interval", "compile",
                    "device", "prepare_missing", "resume", "out_dir", "run_name", "data.data_dir", "data.num_proc",
                    "gns.ema_alpha", "gns.outlier_guard", "gns.ln_backend", "gns.method", "gns.chunk_size")

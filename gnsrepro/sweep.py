@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from gnsrepro.errors import ConfigError
-from gnsrepro.gns import gns_from_components
+from gnsrepro.gns import HampelFilter, gns_from_components
 
 # The first 10% of each series' steps is left out of every statistic: the GNS there reflects the random
 # initialisation rather than the training that follows (|G|² is large and falls fast while the loss leaves
@@ -38,17 +38,16 @@ DETRENDED_POINTS = 32
 SMOOTHED_COLUMNS = ["step", "tokens", "source", "group", "gns"]
 TABLE_COLUMNS = ["alpha", "source", "group", "n_steps", "pearson_r", "slope", "affine_slope", "affine_intercept",
                  "heldout_median_rel_err", "heldout_p90_rel_err", "diff_every", "n_changes", "detrended_r"]
-# keys of `gnsrepro sweep` that take lists; the CLI turns `key=a,b` into `key=[a,b]` (bracket_list_overrides)
-LIST_KEYS = ("ema_alpha", "run", "group", "source")
-_NUMERIC_LIST_KEYS = ("ema_alpha",)
 
 
-def smoothed_gns(gns: pd.DataFrame, alpha: float) -> pd.DataFrame:
+def smoothed_gns(gns: pd.DataFrame, alpha: float, guard: HampelFilter | None = None) -> pd.DataFrame:
     """The smoothed GNS of every (source, group) series of a gns.parquet frame, at EMA factor `alpha`.
 
     Each series is ordered by step, and B_simple = ema(tr Σ) / ema(|G|²) is taken with
     `gnsrepro.gns.gns_from_components` (each component smoothed separately, then the ratio; McCandlish et al.
-    2018, appendix A.1). Needs columns step, tokens, source, group, gtg, trsigma. Returns columns step,
+    2018, appendix A.1), each component first through `guard` when given (`gnsrepro.gns.HampelFilter`: the
+    console's and a GNS-driven schedule's guard against one-step outliers). Needs columns step, tokens,
+    source, group, gtg, trsigma. Returns columns step,
     tokens, source, group, gns, the series in their order of first appearance, each by step.
     """
     ordered = gns.sort_values("step", kind="stable")
@@ -59,7 +58,7 @@ def smoothed_gns(gns: pd.DataFrame, alpha: float) -> pd.DataFrame:
             "tokens": rows["tokens"].to_numpy(),
             "source": source,
             "group": group,
-            "gns": np.asarray(gns_from_components(rows["gtg"], rows["trsigma"], alpha), dtype=np.float64),
+            "gns": np.asarray(gns_from_components(rows["gtg"], rows["trsigma"], alpha, guard=guard), dtype=np.float64),
         }))
     if not parts:
         return pd.DataFrame({c: pd.Series(dtype="float64" if c == "gns" else "object") for c in SMOOTHED_COLUMNS})
@@ -148,21 +147,22 @@ def _check_diff_every(diff_every: int | None) -> None:
 
 
 def correlation_table(gns: pd.DataFrame, alphas: Sequence[float], reference: str = "total",
-                      skip_fraction: float = DEFAULT_SKIP_FRACTION, diff_every: int | None = None) -> pd.DataFrame:
+                      skip_fraction: float = DEFAULT_SKIP_FRACTION, diff_every: int | None = None,
+                      guard: HampelFilter | None = None) -> pd.DataFrame:
     """One row per (alpha, source, group ≠ reference): how well the group's GNS predicts the reference's.
 
     For each α, `smoothed_gns` of every series; each group is aligned with the reference group of the same
     source on their common steps, the first `skip_fraction` of those steps is dropped (DEFAULT_SKIP_FRACTION
     says why), and `pair_statistics` gives the row (Gray et al. 2024's correlation figure: Pearson r and
     regression slope against α). A source without the reference group (gns=ln logs only layernorm per example) gives
-    no rows. Columns: TABLE_COLUMNS.
+    no rows. guard: as in `smoothed_gns`. Columns: TABLE_COLUMNS.
     """
     alphas = _check_alphas(alphas)
     _check_skip_fraction(skip_fraction)
     _check_diff_every(diff_every)
     rows = []
     for alpha in alphas:
-        smoothed = smoothed_gns(gns, alpha)
+        smoothed = smoothed_gns(gns, alpha, guard=guard)
         for source, of_source in smoothed.groupby("source", sort=False):
             ref = of_source[of_source["group"] == reference]
             if ref.empty:
@@ -178,28 +178,6 @@ def correlation_table(gns: pd.DataFrame, alphas: Sequence[float], reference: str
                 stats = pair_statistics(kept["group"].to_numpy(), kept["reference"].to_numpy(), diff_every)
                 rows.append({"alpha": alpha, "source": source, "group": group, **stats})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
-
-
-def bracket_list_overrides(argv: list[str]) -> list[str]:
-    """`key=a,b` -> `key=[a,b]` (and `key=a` -> `key=[a]`) for the list keys of `gnsrepro sweep`.
-
-    Hydra reads a bare comma list as a sweep, which it accepts only under -m, and a single value as a scalar
-    that a list setting refuses; the sweep's lists (LIST_KEYS) are written most naturally as `ema_alpha=0.9,0.99`
-    and `run=DIR`, so those are rewritten into Hydra's list syntax. Values already in brackets pass through;
-    directory and group names are quoted, so a path may hold characters Hydra's grammar reserves.
-    """
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        name = key.lstrip("+")
-        if not sep or name not in LIST_KEYS or value.startswith("["):
-            out.append(arg)
-            continue
-        items = [v for v in value.split(",") if v != ""]
-        if name not in _NUMERIC_LIST_KEYS:
-            items = ["'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in items]
-        out.append(f"{key}=[{','.join(items)}]")
-    return out
 
 
 def _as_list(value) -> list:
@@ -274,7 +252,7 @@ def run_sweep(cfg) -> dict[str, pd.DataFrame]:
     tables = {}
     for run, gns in selected.items():
         table = correlation_table(gns, alphas, reference=cfg.reference, skip_fraction=cfg.skip_fraction,
-                                  diff_every=cfg.diff_every)
+                                  diff_every=cfg.diff_every, guard=HampelFilter() if cfg.outlier_guard else None)
         tables[run] = table
         n_steps = gns["step"].nunique()
         print(f"run {run}: {n_steps} steps; GNS of each group against {cfg.reference}'s, the first "

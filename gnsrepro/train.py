@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -220,23 +219,16 @@ def setup_distributed(device_setting: str) -> tuple[Dist, torch.device]:
 
 
 def run_metadata(device: torch.device, world_size: int) -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
+    from gnsrepro.provenance import code_version
 
-    commit = git("rev-parse", "HEAD") or None
-    # a commit names the code only when the tree holds no other changes of tracked files
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    commit, dirty = code_version()
     import triton  # noqa: F401  (the version is part of the record)
 
     import gnsrepro
 
     return {
         "git_commit": commit,
-        "git_dirty": None if status is None else bool(status),
+        "git_dirty": dirty,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
         "python": platform.python_version(),

@@ -72,3 +72,16 @@ def test_train_times_the_configured_model(capsys):
     r = B.bench_train(cfg)
     assert r["step_time_s"] > 0 and r["tokens_per_s"] == pytest.approx(2 * 16 / r["step_time_s"])
     assert "bench train: model tiny | seq_len 16 | micro-batch 2 | compile False | gns=off" in capsys.readouterr().out
+
+
+def test_overhead_writes_its_table_when_asked(tmp_path, capsys):
+    import pandas as pd
+
+    from gnsrepro.benchmarks import run_benchmark
+
+    out = tmp_path / "bench" / "overhead.parquet"
+    run_benchmark(bench_cfg("steps=2", "rounds=1", f"out={out}"))
+    df = pd.read_parquet(out)
+    assert df.variant.tolist() == CPU_VARIANTS and df.relative_step_time.iloc[0] == 1.0
+    assert (df.relative_step_time == df.step_time_s / df.step_time_s.iloc[0]).all()
+    assert set(df.model) == {"tiny"} and set(df.device) == {"cpu"}

@@ -203,3 +203,11 @@ def test_bench_without_a_gpu_is_one_line(tmp_path):
     line = one_error_line(cli(["bench", "train", "device=cuda", "model=tiny"], tmp_path), "bench")
     assert line == "device='cuda' but torch sees no CUDA GPU; use device=auto or device=cpu"
     assert not any(tmp_path.iterdir())
+
+
+def test_list_settings_take_a_bare_comma_list_per_command():
+    from gnsrepro.cli import bracket_list_overrides
+
+    assert bracket_list_overrides(["figure=schedule", "run=a,b", "alphas=0.9,0.99"], "plot") == [
+        "figure=schedule", "run=['a','b']", "alphas=[0.9,0.99]"]
+    assert bracket_list_overrides(["run=a,b"], "train") == ["run=a,b"]  # train has no list settings: a sweep

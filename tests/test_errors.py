@@ -3,10 +3,14 @@ through gnsrepro.cli.precompose, which every command runs before Hydra does."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from gnsrepro.cli import precompose
+from gnsrepro.cli import conf_dir, precompose
 from gnsrepro.errors import ConfigError
+
+CONF = Path(conf_dir())  # the nested experiment options are listed too (experiment=schedule/small)
 
 
 def refusal(command: str, *argv: str) -> str:
@@ -20,10 +24,9 @@ def refusal(command: str, *argv: str) -> str:
 @pytest.mark.parametrize("override, expected", [
     ("gns=bogus", "gns=bogus is not known (no conf/gns/bogus.yaml); accepted: all, ln, off"),
     ("data=bogus", "data=bogus is not known (no conf/data/bogus.yaml); accepted: openwebtext, pycode, textdir"),
-    ("experiment=nope", "experiment=nope is not known (no conf/experiment/nope.yaml); accepted: 111M, 111M_linear, "
-                        "schedule/paper, schedule/paper_gns, schedule/paper_linear, schedule/small, "
-                        "schedule/small_gns, schedule/small_linear, schedule/tiny, schedule/tiny_gns, "
-                        "schedule/tiny_linear"),
+    ("experiment=nope", "experiment=nope is not known (no conf/experiment/nope.yaml); accepted: " + ", ".join(
+        sorted(p.relative_to(CONF / "experiment").with_suffix("").as_posix()
+               for p in (CONF / "experiment").rglob("*.yaml")))),
     ("model.n_layr=3", "model.n_layr=3: there is no setting model.n_layr; did you mean model.n_layer?"),
     ("model.zzz=1", "model.zzz=1: there is no setting model.zzz; model accepts: model.name, model.n_layer, "
                     "model.n_head, model.n_embd, model.block_size, model.vocab_size, model.bias, model.dropout, "

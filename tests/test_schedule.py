@@ -28,7 +28,7 @@ def test_linear_ramp_rounds_to_micro_batches_and_reaches_the_end():
     # halfway: 16 + 104 / 2 = 68 -> the nearest multiple of 8 is 72 (68 / 8 = 8.5 rounds to even 8 -> 64)
     assert s.batch_size(0, 500) in (64, 72)
     # the paper's 111M arm, 16 -> 120 over the run: the mean batch over the run's steps is about 57 sequences
-    # (PAPER: "its average batch is about 57 sequences"); count steps, as the run does
+    # (docs/schedules.md, "linear": about 57 sequences on average); count steps, as the run does
     paper = LinearBatch(16, 120, 2_219_950_080, 8)
     tokens, sizes = 0, []
     while tokens < 2_219_950_080:

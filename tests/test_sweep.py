@@ -15,13 +15,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from synthetic_run import write_synthetic_run
 
-from gnsrepro.cli import conf_dir
+from gnsrepro.cli import bracket_list_overrides, conf_dir
 from gnsrepro.config import register_configs
 from gnsrepro.errors import ConfigError
 from gnsrepro.runs import GNS_COLUMNS, METRICS_COLUMNS, load_run
 from gnsrepro.sweep import (
     TABLE_COLUMNS,
-    bracket_list_overrides,
     correlation_table,
     pair_statistics,
     run_sweep,
@@ -312,3 +311,21 @@ def test_run_sweep_says_which_source_lacks_the_reference(tmp_path, capsys):
     table = run_sweep(cfg)[str(run)]
     assert set(table["source"]) == {"microbatch"} and len(table) == 4
     assert "source(s) per_example: no total rows logged" in capsys.readouterr().out
+
+
+def test_the_outlier_guard_keeps_one_spike_out_of_the_correlation():
+    """A one-step spike in the total's components (as on the tiny CPU run) moves the unguarded slope; the guard,
+    on by default in `gnsrepro sweep` as in training, leaves the slope at k."""
+    from gnsrepro.gns import HampelFilter, gns_from_components
+
+    frame = k_times_layernorm(2000, k=2.0, total_noise=0.02, seed=3)
+    spike = (frame.group == "total") & (frame.step == 600)
+    frame.loc[spike, "trsigma"] *= 1000.0
+    raw = correlation_table(frame, [0.99])
+    guarded = correlation_table(frame, [0.99], guard=HampelFilter())
+    assert abs(guarded.slope.iloc[0] / 2.0 - 1) < 0.05
+    assert abs(raw.slope.iloc[0] / 2.0 - 1) > 0.1
+    smoothed = smoothed_gns(frame, 0.99, guard=HampelFilter())
+    total = frame[frame.group == "total"].sort_values("step")
+    expected = gns_from_components(total.gtg, total.trsigma, 0.99, guard=HampelFilter()).to_numpy()
+    assert np.array_equal(smoothed[smoothed.group == "total"].gns.to_numpy(), expected)

@@ -43,16 +43,40 @@ def check_bench_settings(cfg) -> None:
                           "interpreter); use gns.ln_backend=auto or torch on a CPU")
 
 
+def _write_results(rows: list[dict], cfg) -> None:
+    """bench train / overhead results as parquet at cfg.out (when given), with what was timed and where."""
+    from pathlib import Path
+
+    import pandas as pd
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+    df = pd.DataFrame(rows).assign(model=cfg.model.name, seq_len=cfg.seq_len or cfg.model.block_size,
+                                   micro_batch_size=cfg.micro_batch_size, compile=cfg.compile, device=device,
+                                   torch=torch.__version__)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
 def run_benchmark(cfg) -> None:
     check_bench_settings(cfg)
     if cfg.target == "train":
         from gnsrepro.benchmarks.train import bench_train
 
-        bench_train(cfg)
+        result = bench_train(cfg)
+        if cfg.out:
+            _write_results([{"variant": f"gns={cfg.gns.mode}", **result}], cfg)
     elif cfg.target == "overhead":
         from gnsrepro.benchmarks.train import bench_overhead
 
-        bench_overhead(cfg)
+        results = bench_overhead(cfg)
+        if cfg.out:
+            base = results[0]["step_time_s"]
+            _write_results([{**r, "relative_step_time": r["step_time_s"] / base} for r in results], cfg)
     else:
         from gnsrepro.benchmarks.layernorm import run
 

@@ -19,9 +19,13 @@ from typing import NamedTuple
 from gnsrepro.errors import ConfigError
 from gnsrepro.figures.correlation import correlation
 from gnsrepro.figures.cost import cost
+from gnsrepro.figures.ddp import ddp
 from gnsrepro.figures.lnbench import DEFAULT_TABLE, lnbench
+from gnsrepro.figures.lrsweep import lrsweep
 from gnsrepro.figures.phase import phase
+from gnsrepro.figures.ratio import ratio
 from gnsrepro.figures.schedule import schedule
+from gnsrepro.figures.variance import variance
 
 # the kinds of input a figure takes -> how the usage text and the errors describe them
 INPUTS = {
@@ -29,6 +33,7 @@ INPUTS = {
     "runs": "run directories (every arm and seed): run=[DIR1,DIR2,...]",
     "bench_table": f"a `gnsrepro bench layernorm` parquet: table=PATH (default {DEFAULT_TABLE})",
     "model": "no run: computed from model=NAME [seq_len=T batch_size=B bytes_per_element=b]",
+    "variance_run": "a run directory holding variance.parquet (gnsrepro variance run=DIR): run=DIR",
 }
 
 
@@ -40,15 +45,23 @@ class FigureSpec(NamedTuple):
 
 FIGURES: dict[str, FigureSpec] = {
     "phase": FigureSpec(phase, "|G|² against S and GNS over tokens: LayerNorm, Linear + Embedding, total (paper "
-                        "fig. 6)", "gns_run"),
+                        "p. 6)", "gns_run"),
     "correlation": FigureSpec(correlation, "layer-type GNS against total GNS per EMA alpha; r, slope, held-out error "
-                              "(fig. 8)", "gns_run"),
+                              "(p. 8)", "gns_run"),
     "cost": FigureSpec(cost, "FLOPs and bytes of the per-example-norm methods against sequence length; Table 1 "
-                       "(fig. 5)", "model"),
-    "lnbench": FigureSpec(lnbench, "LayerNorm kernel time against hidden size, Triton with norms vs PyTorch (fig. 8 "
+                       "(p. 5)", "model"),
+    "lnbench": FigureSpec(lnbench, "LayerNorm kernel time against hidden size, Triton with norms vs PyTorch (p. 8 "
                           "right)", "bench_table"),
     "schedule": FigureSpec(schedule, "loss, batch size and tokens saved against tokens per batch-size schedule "
-                           "(fig. 9)", "runs"),
+                           "(p. 9)", "runs"),
+    "ratio": FigureSpec(ratio, "LayerNorm and total GNS over tokens of fixed-batch runs that change the batch size, "
+                        "the learning rate or both at a fixed ratio (p. 7)", "runs"),
+    "lrsweep": FigureSpec(lrsweep, "final validation loss against learning rate per model, each optimum marked "
+                          "(p. 16)", "runs"),
+    "ddp": FigureSpec(ddp, "per-example against DDP-rank GNS over tokens, scatter and ratio (a torchrun run; the "
+                      "1.3B 8-GPU check, p. 21)", "gns_run"),
+    "variance": FigureSpec(variance, "standard error of the GNS estimate against B_small and B_big, from real "
+                           "per-example gradients (section 2.1)", "variance_run"),
 }
 
 
@@ -61,8 +74,8 @@ def figures_usage() -> str:
         lines += [f"  {name:<{width}}  {spec.description}", f"  {'':<{width}}  input: {INPUTS[spec.inputs]}"]
     lines += ["", "Writes <out>.png, <out>.pdf and the plotted values <out>.parquet (default out: "
               "outputs/figures/<figure>).",
-              "Hydra takes a key once per command line: several runs are one list, run=[DIR1,DIR2].",
-              "Settings: alpha (phase), alphas (correlation), source (phase, correlation); model, seq_len,",
+              "Several runs are one list: run=DIR1,DIR2 or run=[DIR1,DIR2] (Hydra takes a key once per command line).",
+              "Settings: alpha (phase, ddp), alphas (correlation), source (phase, correlation, ddp); model, seq_len,",
               "batch_size, bytes_per_element (cost). `gnsrepro plot --cfg job` shows them."]
     return "\n".join(lines)
 
@@ -83,20 +96,23 @@ def check_inputs(figure: str, runs: list[str], table: str | None) -> list:
     if figure not in FIGURES:
         raise ConfigError(f"figure={figure} is not a figure; accepted: {', '.join(FIGURES)}")
     kind = FIGURES[figure].inputs
-    if kind in ("gns_run", "runs"):
+    if kind in ("gns_run", "runs", "variance_run"):
         if table is not None:
             raise ConfigError(f"figure={figure} reads run directories, not table={table} (table= is for "
                               f"figure=lnbench); give {INPUTS[kind]}")
         if not runs:
             raise ConfigError(f"figure={figure} needs {INPUTS[kind]}")
-        if kind == "gns_run" and len(runs) > 1:
+        if kind != "runs" and len(runs) > 1:
             raise ConfigError(f"figure={figure} takes one run directory, got {len(runs)}: plot each on its own "
                               "(out=... names each figure)")
         for run in runs:
             if Path(run).is_file():
                 raise ConfigError(f"run={run} is a file; figure={figure} takes {INPUTS[kind]}")
         paths = [check_run_dir(Path(run).expanduser(), need_gns=kind == "gns_run") for run in runs]
-        return [paths[0]] if kind == "gns_run" else [paths]
+        if kind == "variance_run" and not (paths[0] / "variance.parquet").is_file():
+            raise ConfigError(f"run directory {paths[0]} has no variance.parquet; `gnsrepro variance run={runs[0]}` "
+                              "writes it")
+        return [paths] if kind == "runs" else [paths[0]]
     if runs:
         raise ConfigError(f"figure={figure} reads no run directory (got run={runs[0]}); it takes {INPUTS[kind]}")
     if kind == "bench_table":
@@ -126,6 +142,7 @@ def run_plot(cfg) -> list[Path]:
     if out.is_dir():
         raise ConfigError(f"out={out} is a directory; give the path stem of the figure, e.g. out={out / cfg.figure}")
     settings = {"alpha": cfg.alpha, "alphas": list(cfg.alphas), "source": cfg.source, "model": cfg.model,
+                "outlier_guard": cfg.outlier_guard,
                 "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "bytes_per_element": cfg.bytes_per_element}
     accepted = inspect.signature(spec.function).parameters
     paths = spec.function(*inputs, out=out, **{k: v for k, v in settings.items() if k in accepted})

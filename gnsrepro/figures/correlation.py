@@ -1,5 +1,5 @@
 """`figure=correlation`: how well each layer type's GNS predicts the total GNS, across EMA smoothing factors
-(Gray et al. 2024, section 4 and fig. 8; again fig. 21).
+(Gray et al. 2024, section 4 and p. 8; again p. 21).
 
 From one run's gns.parquet, through `gnsrepro.sweep`: `smoothed_gns` gives each group's GNS at each α
 (top row: the groups' GNS over tokens with the total's) and `correlation_table` the statistics against
@@ -37,14 +37,14 @@ COLOURS = {"attention": "tab:red", "mlp": "tab:green", "layernorm": "tab:blue", 
 LABELS = {"attention": "attention", "mlp": "MLP", "layernorm": "LayerNorm", "embedding": "embedding"}
 
 
-def correlation_values(gns: pd.DataFrame, alphas, source: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def correlation_values(gns: pd.DataFrame, alphas, source: str, guard=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(smoothed, table) for one source: `smoothed_gns` at every α (with an alpha column) and
-    `correlation_table` against the total."""
+    `correlation_table` against the total, both through `guard` (None, or a gnsrepro.gns.HampelFilter)."""
     from gnsrepro.sweep import correlation_table, smoothed_gns
 
     rows = gns[gns["source"] == source]
-    smoothed = pd.concat([smoothed_gns(rows, a).assign(alpha=a) for a in alphas], ignore_index=True)
-    table = correlation_table(rows, alphas, reference=REFERENCE)
+    smoothed = pd.concat([smoothed_gns(rows, a, guard).assign(alpha=a) for a in alphas], ignore_index=True)
+    table = correlation_table(rows, alphas, reference=REFERENCE, guard=guard)
     return smoothed, table
 
 
@@ -117,7 +117,7 @@ def draw_correlation(smoothed: pd.DataFrame, table: pd.DataFrame, alphas, title:
 
 
 def correlation(run_dir: str | os.PathLike, out: str | os.PathLike, alphas=DEFAULT_ALPHAS,
-                source: str | None = None) -> list[Path]:
+                source: str | None = None, outlier_guard: bool = True) -> list[Path]:
     """Draw the correlation figure of the run in `run_dir` to `<out>.png` and `<out>.pdf`, the plotted GNS
     series to `<out>.parquet` and the correlation table (`gnsrepro.sweep.correlation_table`) to
     `<out>-table.parquet`; return the paths. source: default per_example when it logs the total (gns=all),
@@ -135,7 +135,9 @@ def correlation(run_dir: str | os.PathLike, out: str | os.PathLike, alphas=DEFAU
         raise ConfigError(f"run {run.path}: source {source} logs the groups {', '.join(sorted(logged))}; "
                           f"figure=correlation needs {REFERENCE} and at least one layer type (a gns=all run, "
                           "or source=microbatch)")
-    smoothed, table = correlation_values(run.gns, alphas, source)
+    from gnsrepro.gns import HampelFilter
+
+    smoothed, table = correlation_values(run.gns, alphas, source, HampelFilter() if outlier_guard else None)
     title = f"Layer-type GNS against total GNS, {source}: {run.path.name}: {run_description(run)}"
     fig = draw_correlation(smoothed, table, alphas, title)
     paths = save(fig, out, smoothed)

@@ -1,5 +1,5 @@
 """`figure=cost`: FLOPs and bytes of the per-example-norm methods against sequence length (Gray et al.
-2024, fig. 5) and the paper's Table 1, computed by `gnsrepro.cost` (arithmetic on the model's shapes,
+2024, p. 5) and the paper's Table 1, computed by `gnsrepro.cost` (arithmetic on the model's shapes,
 nothing is read or trained).
 
 Plotted is what each method adds to a training step: for the simultaneous and Li et al. (ghost norm)

@@ -1,5 +1,5 @@
 """`figure=lnbench`: LayerNorm forward+backward time against hidden size, the Triton kernel with per-example
-norms against PyTorch's own, per dtype (Gray et al. 2024, fig. 8 right).
+norms against PyTorch's own, per dtype (Gray et al. 2024, p. 8 right).
 
 Reads the parquet that `gnsrepro bench layernorm` writes (gnsrepro/benchmarks/layernorm.py `run`; one
 row per hidden size N and dtype). Its timings: eager (`torch_us`, `triton_us`, `torch_pe_us`: host time

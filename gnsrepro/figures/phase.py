@@ -1,4 +1,4 @@
-"""`figure=phase`: the |G|²-S phase plot and GNS over tokens per layer type (Gray et al. 2024, fig. 6).
+"""`figure=phase`: the |G|²-S phase plot and GNS over tokens per layer type (Gray et al. 2024, p. 6).
 
 From one run's gns.parquet. Three curves: the LayerNorm parameters, the Linear and Embedding parameters
 (the attention, MLP and embedding groups together) and the whole model (`total`). A curve that spans
@@ -31,7 +31,7 @@ from gnsrepro.figures.common import (
     save,
     tokens_axis,
 )
-from gnsrepro.gns import ema, gns_from_components
+from gnsrepro.gns import HampelFilter, ema, gns_from_components
 
 # curve -> (legend label, the gns.parquet groups it sums)
 CURVES = {
@@ -48,13 +48,14 @@ def check_alpha(alpha: float, key: str = "alpha") -> float:
     return float(alpha)
 
 
-def phase_values(gns: pd.DataFrame, alpha: float, source: str) -> pd.DataFrame:
+def phase_values(gns: pd.DataFrame, alpha: float, source: str, guard: HampelFilter | None = None) -> pd.DataFrame:
     """The plotted values: one row per curve and step.
 
     Columns: curve, groups (the gns.parquet groups summed, comma-separated), step, tokens, gtg and
     trsigma (the raw per-step sums), gtg_ema and trsigma_ema (`ema` of each) and gns
     (`gns_from_components` of the sums). A step enters a curve only when every group of the curve that
-    the source logs is there, so a sum never covers a partial set of groups.
+    the source logs is there, so a sum never covers a partial set of groups. guard: clips one-step outliers
+    of each summed component before it is smoothed (`gnsrepro.gns.HampelFilter`); gtg and trsigma stay raw.
     """
     rows = gns[gns["source"] == source]
     frames = []
@@ -68,10 +69,13 @@ def phase_values(gns: pd.DataFrame, alpha: float, source: str) -> pd.DataFrame:
                        n_groups=("group", "nunique"))
                   .reset_index())
         summed = summed[summed["n_groups"] == len(present)].drop(columns="n_groups").reset_index(drop=True)
+        gtg, trsigma = summed["gtg"], summed["trsigma"]
+        if guard is not None:
+            gtg, trsigma = guard.apply(gtg), guard.apply(trsigma)
         frames.append(summed.assign(
             curve=curve, groups=",".join(present),
-            gtg_ema=ema(summed["gtg"], alpha), trsigma_ema=ema(summed["trsigma"], alpha),
-            gns=gns_from_components(summed["gtg"], summed["trsigma"], alpha),
+            gtg_ema=ema(gtg, alpha), trsigma_ema=ema(trsigma, alpha),
+            gns=gns_from_components(gtg, trsigma, alpha),
         ))
     columns = ["curve", "groups", "step", "tokens", "gtg", "trsigma", "gtg_ema", "trsigma_ema", "gns"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
@@ -149,16 +153,17 @@ def draw_phase(values: pd.DataFrame, alpha: float, title: str):
 
 
 def phase(run_dir: str | os.PathLike, out: str | os.PathLike, alpha: float = 0.99,
-          source: str | None = None) -> list[Path]:
+          source: str | None = None, outlier_guard: bool = True) -> list[Path]:
     """Draw the phase figure of the run in `run_dir` to `<out>.png`, `<out>.pdf` and its plotted values to
     `<out>.parquet` (`phase_values`); return the paths. source: a gns.parquet source, default per_example
-    when it logs the LayerNorm and total groups (gns=all), else microbatch."""
+    when it logs the LayerNorm and total groups (gns=all), else microbatch. outlier_guard: smooth through
+    `gnsrepro.gns.HampelFilter`, as the training console does."""
     from gnsrepro.runs import load_run
 
     alpha = check_alpha(alpha)
     run = load_run(run_dir)
     source = choose_source(run.gns, source, run.path)
-    values = phase_values(run.gns, alpha, source)
+    values = phase_values(run.gns, alpha, source, HampelFilter() if outlier_guard else None)
     if values.empty:
         raise ConfigError(f"run {run.path} has no layernorm, attention, mlp, embedding or total rows of source "
                           f"{source} in gns.parquet")

@@ -1,4 +1,4 @@
-"""`figure=schedule`: batch-size schedules compared (Gray et al. 2024, fig. 9; again fig. 21): the loss
+"""`figure=schedule`: batch-size schedules compared (Gray et al. 2024, p. 9; again p. 21): the loss
 against tokens of each arm (mean and min-max band over seeds), the batch size each arm used against
 tokens, and the tokens each schedule saved against the fixed batch, per loss level.
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gnsrepro.analysis import smoothing_window
 from gnsrepro.errors import ConfigError
 from gnsrepro.figures.common import (
     format_count,
@@ -69,17 +70,6 @@ def arm_curves(arms: dict[str, dict[int, object]], column: str) -> pd.DataFrame:
             curves.append((m["tokens"].to_numpy(dtype=float), m[column].to_numpy(dtype=float)))
         frames.append(_band(curves).assign(arm=arm))
     return pd.concat(frames, ignore_index=True)
-
-
-def smoothing_window(*metrics: pd.DataFrame) -> int:
-    """The loss-curve smoothing window of `gnsrepro.analysis.loss_curve` for these runs: its default
-    SMOOTH_WINDOW, or an odd window of at most an eighth of the shortest run's logged losses, so that
-    the curve keeps at least half of its points after the windows' reach is trimmed at both ends."""
-    from gnsrepro.analysis import SMOOTH_WINDOW
-
-    n = min(int(np.isfinite(m["loss"].to_numpy(dtype=float)).sum()) for m in metrics)
-    window = min(SMOOTH_WINDOW, max(1, n // 8))
-    return window if window % 2 else window - 1
 
 
 def saved_tokens(arms: dict[str, dict[int, object]]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -1,0 +1,83 @@
+"""`gnsrepro reproduce`: every plan composes; a plan's parts run as commands, a failing part is recorded and named
+in REPORT.md while the others still run and report; globs expand; the report's numbers come from the tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from gnsrepro.cli import conf_dir
+from gnsrepro.config import register_configs
+from gnsrepro.errors import ConfigError
+from gnsrepro.reproduce import expand_globs, plan_parts, run_reproduce
+
+PLANS = sorted(p.stem for p in (Path(conf_dir()) / "plan").glob("*.yaml"))
+
+
+def reproduce_cfg(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose("reproduce", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_every_plan_composes_and_names_known_commands(plan):
+    from gnsrepro.cli import TASKS
+
+    cfg = reproduce_cfg(f"plan={plan}")
+    parts = plan_parts(cfg.plan)
+    assert parts[-1]["name"] == "figures" and len({p["name"] for p in parts}) == len(parts)
+    for part in parts:
+        for argv in part["commands"]:
+            if argv[0] == "torchrun":  # torchrun [options] -m gnsrepro <command> ...
+                argv = argv[argv.index("gnsrepro") + 1:]
+            command = argv[0] if argv[0] != "-m" else argv[1]
+            assert command in TASKS, f"plan {plan}, part {part['name']}: {argv}"
+    assert cfg.plan.report.get("cost_model")
+
+
+def test_globs_expand_to_a_sorted_list(tmp_path):
+    for name in ("b-seed1", "a-seed0", "other"):
+        (tmp_path / name).mkdir()
+    assert expand_globs(["plot", f"run={tmp_path}/*-seed*", "x=1"]) == [
+        "plot", f"run={tmp_path}/a-seed0,{tmp_path}/b-seed1", "x=1"]
+    assert expand_globs([f"run={tmp_path}/none*"]) == [f"run={tmp_path}/none*"]
+
+
+def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "rep"
+    plan = OmegaConf.create({
+        "name": "test", "out_dir": str(out), "about": "a test plan",
+        "parts": [{"name": "broken", "minutes": 0.1, "commands": ["train model=no_such max_steps=1"]},
+                  {"name": "costs", "minutes": 0.1, "commands": ["cost model=tiny seq_len=64"]}],
+        "figures_minutes": 0.1,
+        "figures": [{"name": "cost", "command": f"plot figure=cost model=tiny seq_len=64 out={out}/figures/cost",
+                     "caption": "the cost figure"}],
+        "report": {"cost_model": "111M", "cost_seq_len": 2048, "correlation_run": str(tmp_path / "missing")},
+    })
+    cfg = OmegaConf.create({"plan": plan, "part": None, "force": False})
+    report = run_reproduce(cfg).read_text()
+    status = json.loads((out / "status.json").read_text())
+    assert status["broken"]["status"] == "failed" and status["broken"]["exit"] == 2
+    assert "model=no_such is not known" in status["broken"]["output"]
+    assert status["costs"]["status"] == "ok" and status["figures"]["status"] == "ok"
+    assert "| broken | failed: `gnsrepro train model=no_such max_steps=1` exited 2 |" in report
+    assert "![cost](figures/cost.png)" in report and (out / "figures" / "cost.png").exists()
+    # the headline numbers: the cost model's, and a missing run reported as missing
+    from gnsrepro.report import cost_numbers
+
+    ghost = cost_numbers("111M", 2048)["ghost"]
+    assert f"Li et al. {100 * ghost:.1f} %" in report
+    assert "Claim 2: LayerNorm GNS against total GNS | not measured (ConfigError: run directory" in report
+    printed = capsys.readouterr().out
+    assert "[1/3] part broken" in printed and "[3/3] part figures" in printed
+    # one part alone, then the report alone from what is there
+    run_reproduce(OmegaConf.create({"plan": plan, "part": "costs", "force": False}))
+    assert json.loads((out / "status.json").read_text())["broken"]["status"] == "failed"  # kept
+    with pytest.raises(ConfigError, match="part=nope is not a part of plan=test; accepted: broken, costs, figures"):
+        run_reproduce(OmegaConf.create({"plan": plan, "part": "nope", "force": False}))
