@@ -194,6 +194,7 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    owns_group: bool = False  # this run created the process group, so it destroys it at the end
 
     @property
     def main(self) -> bool:
@@ -215,6 +216,7 @@ def setup_distributed(device_setting: str) -> tuple[Dist, torch.device]:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        d.owns_group = True
     return d, device
 
 
@@ -490,4 +492,6 @@ def train(cfg: TrainConfig | DictConfig, overrides: list[str] | None = None) -> 
         print(f"done: {run.step} steps, {fmt_count(run.tokens)} tokens; logs in {run.out}", flush=True)
     if run.d.world_size > 1:
         dist.barrier()
+        if run.d.owns_group:  # a process that exits with gloo's threads still running can abort at teardown
+            dist.destroy_process_group()
     return run.out
