@@ -55,14 +55,16 @@ def check_run_dir(run_dir: str | os.PathLike, need_gns: bool = True) -> Path:
     return path
 
 
-def _read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+def read_table(path: Path, columns, hint: str = "README, 'Logs', has the schema") -> pd.DataFrame:
+    """The parquet table at `path`, with every one of `columns`; one-line ConfigError otherwise (hint: how to
+    get a right one)."""
     try:
         df = pd.read_parquet(path)
     except Exception as e:  # pyarrow's errors for a truncated or foreign file have no common base class
         raise ConfigError(f"{path} is not a readable parquet table: {type(e).__name__}: {e}") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)} (README, 'Logs', has the schema)")
+        raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)} ({hint})")
     return df
 
 
@@ -85,7 +87,7 @@ def load_run(run_dir: str | os.PathLike, need_gns: bool = True) -> Run:
         raise ConfigError(f"cannot read {path}'s config.yaml / meta.json: {type(e).__name__}: {e}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path / 'config.yaml'} is not a mapping of settings")
-    metrics = _read_table(path / "metrics.parquet", METRICS_COLUMNS)
+    metrics = read_table(path / "metrics.parquet", METRICS_COLUMNS)
     gns_path = path / "gns.parquet"
-    gns = _read_table(gns_path, GNS_COLUMNS) if gns_path.is_file() else None
+    gns = read_table(gns_path, GNS_COLUMNS) if gns_path.is_file() else None
     return Run(path=path, config=config, metrics=metrics, gns=gns, meta=meta)

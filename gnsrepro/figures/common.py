@@ -120,6 +120,19 @@ def readable_log_axis(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def gns_over_tokens_axes(ax, alpha: float, ylabel: str = "GNS = ema(S) / ema(|G|²) (sequences)",
+                         legend_size: int = 8) -> None:
+    """The GNS-over-training panel's axes: log GNS in sequences against tokens seen, title, legend, grid."""
+    ax.set_yscale("log")
+    readable_log_axis(ax.yaxis)
+    tokens_axis(ax.xaxis)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"GNS over training (EMA α={alpha:g})", fontsize=10)
+    ax.legend(fontsize=legend_size, loc="best")
+    ax.grid(True, which="major", alpha=0.3)
+
+
 def tokens_axis(axis) -> None:
     """Token counts as 20k, 1.5M, ... instead of 20000 or an offset."""
     axis.set_major_formatter(FuncFormatter(lambda v, _: format_count(v)))

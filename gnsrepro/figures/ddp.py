@@ -20,7 +20,15 @@ import numpy as np
 import pandas as pd
 
 from gnsrepro.errors import ConfigError
-from gnsrepro.figures.common import new_figure, positive, readable_log_axis, run_description, save, tokens_axis
+from gnsrepro.figures.common import (
+    gns_over_tokens_axes,
+    new_figure,
+    positive,
+    readable_log_axis,
+    run_description,
+    save,
+    tokens_axis,
+)
 from gnsrepro.figures.phase import check_alpha
 
 GROUPS = ("layernorm", "total")  # the groups compared, in drawing order
@@ -88,14 +96,7 @@ def draw_ddp(values: pd.DataFrame, alpha: float, title: str):
             median = np.nanmedian(late) if np.isfinite(late).any() else np.nan
             ratio_ax.plot(v["tokens"], r, color=colour, lw=1.4,
                           label=f"{LABELS[group]}: median {median:.3f} over the second half")
-    over_tokens.set_yscale("log")
-    readable_log_axis(over_tokens.yaxis)
-    tokens_axis(over_tokens.xaxis)
-    over_tokens.set_xlabel("tokens seen")
-    over_tokens.set_ylabel("GNS = ema(S) / ema(|G|²) (sequences)")
-    over_tokens.set_title(f"GNS over training (EMA α={alpha:g})", fontsize=10)
-    over_tokens.legend(fontsize=7, loc="best")
-    over_tokens.grid(True, which="major", alpha=0.3)
+    gns_over_tokens_axes(over_tokens, alpha, legend_size=7)
 
     if scatter.collections:
         scatter.set_xscale("log")

@@ -24,12 +24,12 @@ from gnsrepro.errors import ConfigError
 from gnsrepro.figures.common import (
     LINEAR_GROUPS,
     choose_source,
+    gns_over_tokens_axes,
     new_figure,
     positive,
     readable_log_axis,
     run_description,
     save,
-    tokens_axis,
 )
 from gnsrepro.gns import HampelFilter, ema, gns_from_components
 
@@ -137,14 +137,7 @@ def draw_phase(values: pd.DataFrame, alpha: float, title: str):
         # total last and dashed: on a run where the Linear layers hold most parameters the two coincide
         style = dict(ls="--", lw=1.4) if curve == "total" else dict(lw=2.0)
         ax.plot(v["tokens"], gns, color=COLOURS[curve], label=CURVES[curve][0], **style)
-    ax.set_yscale("log")
-    readable_log_axis(ax.yaxis)
-    tokens_axis(ax.xaxis)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("GNS = ema(S) / ema(|G|²)\n(sequences)")
-    ax.set_title(f"GNS over training (EMA α={alpha:g})", fontsize=10)
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(True, which="major", alpha=0.3)
+    gns_over_tokens_axes(ax, alpha, ylabel="GNS = ema(S) / ema(|G|²)\n(sequences)")
     if masked:
         bottom.text(0.005, 0.005, "non-positive smoothed estimates (noisy first steps) are left out of the "
                     "log axes", fontsize=7, color="0.4", ha="left", va="bottom")

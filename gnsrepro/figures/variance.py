@@ -41,14 +41,9 @@ def read_variance_table(run_dir: str | os.PathLike) -> pd.DataFrame:
     path = Path(run_dir) / TABLE_NAME
     if not path.is_file():
         raise ConfigError(f"run directory {run_dir} has no {TABLE_NAME}; `gnsrepro variance run={run_dir}` writes it")
-    try:
-        table = pd.read_parquet(path)
-    except Exception as e:  # pyarrow's errors for a truncated or foreign file have no common base class
-        raise ConfigError(f"{path} is not a readable parquet table: {type(e).__name__}: {e}") from None
-    missing = [c for c in COLUMNS if c not in table.columns]
-    if missing:
-        raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)}; rewrite it with `gnsrepro variance "
-                          f"run={run_dir}`")
+    from gnsrepro.runs import read_table
+
+    table = read_table(path, COLUMNS, f"rewrite it with `gnsrepro variance run={run_dir}`")
     if table.empty:
         raise ConfigError(f"{path} has no rows")
     return table
