@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	@touch $@
 
 test: install
-	$(BIN)/ruff check gnsrepro tests
+	$(BIN)/ruff check gnsrepro tests benchmarks
 	$(BIN)/python -m pytest -q
 
 test-gpu: install
@@ -34,7 +34,7 @@ bench: install
 	$(BIN)/gnsrepro bench overhead model=111M
 
 lint: install
-	$(BIN)/ruff check gnsrepro tests
+	$(BIN)/ruff check gnsrepro tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

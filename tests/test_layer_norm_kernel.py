@@ -582,9 +582,10 @@ def test_benchmark_says_it_needs_cuda():
         run(SimpleNamespace(device="auto", out=None, steps=2, warmup=1))
 
 
-def test_benchmarks_try_every_configuration_on_a_stub_device(monkeypatch, tmp_path):
-    """The GPU benchmarks' bookkeeping on CPU: every configuration reaches the launcher (and runs in the
-    interpreter), with stand-ins for the CUDA timers (the graph timer counts its calls)."""
+def test_benchmark_runs_every_case_on_a_stub_device(monkeypatch, tmp_path):
+    """`gnsrepro bench layernorm`'s bookkeeping on CPU: every size and dtype reaches the kernel (in the
+    interpreter), with stand-ins for the CUDA timers (the graph timer counts its calls). The tuning tools'
+    own checks are in tests/test_tuning.py."""
     from types import SimpleNamespace
 
     import gnsrepro.benchmarks.layernorm as L
@@ -601,25 +602,6 @@ def test_benchmarks_try_every_configuration_on_a_stub_device(monkeypatch, tmp_pa
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(16, dtype=torch.uint8) if a == (256 << 20,)
                         else real_empty(*a, **k))
-    df = L.sweep_bwd(sizes=(34,), dtypes=("bf16",), steps=1, top=2, jobs=2)  # compiled ahead in 2 processes
-    assert len(calls) == len(df) and df.us.notna().all()
-    assert {0, 2, 3, 4} <= set(df.stages) and set(df.tail_reduce) == {False, True}
-    assert (df.phase == 2).sum() == 2 * 4 * 2  # top 2 × programs per SM 1-4 × reduce kernel / tail
-    first = df[df.phase == 1].us.idxmin()  # the timer's first call is phase 2's first configuration
-    assert df.loc[df.phase == 2].iloc[0][["block_m", "num_warps", "stages"]].tolist() == \
-        df.loc[first][["block_m", "num_warps", "stages"]].tolist()
-    dv = L.variants(sizes=(34,), dtypes=("bf16",), steps=1)
-    assert len(dv) == 8 and set(dv.pdl) == {False, True} and K.PDL is True
-    # longer examples on more SMs: 8 chunks per example, so subgroups of 2 give the tail a middle level
-    monkeypatch.setattr(L, "SEQ", 256)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda d: SimpleNamespace(multi_processor_count=8, name="stub"))
-    dv = L.variants(sizes=(34,), dtypes=("bf16",), steps=1, per_sms=(2,), subs=(0, 2, 8), pdls=(False,),
-                    tail_rows=(0, 1))
-    assert dv.tail_levels.tolist() == [0, 2, 2, 3, 3] and dv.tail_sub.tolist() == [1, 1, 1, 2, 2]  # sub 8: as 0
-    assert dv.tail_rows.tolist() == [0, 8, 1, 8, 1]  # 0: the launcher's 8 rows per load at N = 34
-    assert (dv.regs == -1).all()  # the interpreter compiles nothing: registers unknown
-    monkeypatch.setattr(L, "SEQ", 8)
     # the benchmark itself: a parquet row per size and dtype, with the backward's launch configuration
     monkeypatch.setattr(L, "SIZES", (34, 1000))
     monkeypatch.setattr(L, "stream_time_us", lambda f, steps, flush: calls.append(f()) or float(len(calls)))
@@ -661,59 +643,6 @@ def test_stream_time_is_the_call_less_the_flush(monkeypatch):
 
     monkeypatch.setattr(L, "capture", fail)
     assert math.isnan(L.stream_time_us(lambda: tick(55.0), 5, flush))
-
-
-def test_fixed_costs_on_a_stub_device(monkeypatch):
-    """The fixed-cost benchmark's bookkeeping on CPU (interpreter): every kernel and PyTorch op is timed at
-    each row count, the line through the timings is fitted, and the backward's main kernel launched alone
-    (partials_only) gives the launcher's dx: the same launch, less the reduction."""
-    from types import SimpleNamespace
-
-    import gnsrepro.benchmarks.layernorm as L
-
-    calls = []
-    monkeypatch.setattr(L, "_device", lambda name="auto": torch.device("cpu"))
-    # a stand-in timer: 10 µs fixed plus 1 µs per 8 rows of the tensors the last call wrote
-    monkeypatch.setattr(L, "graph_time_us",
-                        lambda f, steps, flush=None: calls.append(f()) or 10.0 + L.BATCH * seq[0] / 8)
-    monkeypatch.setattr(L, "copy_bandwidth_gbps", lambda device, *a, **k: 1.0)
-    monkeypatch.setattr(L, "BATCH", 2)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda d: SimpleNamespace(multi_processor_count=2, name="stub"))
-    real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(16, dtype=torch.uint8) if a == (256 << 20,)
-                        else real_empty(*a, **k))
-    seq = [0]  # the rows per example of the case being timed
-    real_cases = L._cases
-
-    def cases(*a, **k):
-        seq[0] = k["seq"]
-        return real_cases(*a, **k)
-
-    monkeypatch.setattr(L, "_cases", cases)
-    df = L.fixed_costs(sizes=(34,), dtypes=("bf16",), seqs=(4, 12), steps=1)
-    assert len(df) == 2 and len(calls) == 2 * 7 and df.rows.tolist() == [8, 24]
-    for k, tensors in (("copy", 2), ("bwd", 3), ("fwd+bwd", 5)):  # 8 rows per µs of (tensors × 34 bf16) bytes
-        assert df[f"{k} fixed_us"].tolist() == pytest.approx([10.0, 10.0])
-        assert df[f"{k} steady_pct"].tolist() == pytest.approx([100 * tensors * 34 * 2 * 8 / 1e3] * 2)
-
-    x, w, b, dy, _ = real_cases(torch.device("cpu"), torch.bfloat16, 34, batch=2, seq=12)
-    x, w, b = x.detach(), w.detach(), b.detach()
-    _, stats, _ = K.layer_norm_forward(x, w, b, 1e-5)
-    dx = K.layer_norm_backward(dy, x, w, b, stats)[0]
-    assert torch.equal(K.layer_norm_backward(dy, x, w, b, stats, partials_only=True)[0], dx)
-
-
-def test_precompile_reports_each_configuration_that_fails():
-    """The sweep's compile processes run each configuration once and hand back its error, in order."""
-    import gnsrepro.benchmarks.layernorm as L
-
-    case = ("cpu", "bf16", 40, 2, 6)
-    good = dict(block_m=2, num_warps=4, target_programs=3)
-    errors = L.precompile_bwd([(*case, good), (*case, dict(good, block_m=3)), (*case, good)], jobs=2)
-    assert errors[0] is None and errors[2] is None
-    assert errors[1] is not None and "power of 2" in errors[1]
-    assert L.precompile_bwd([(*case, good)], jobs=1) == [None]  # one process: nothing compiled ahead
 
 
 def test_every_kernel_variant_compiles_for_sm90():

@@ -69,7 +69,9 @@ this kernel takes 1.003-1.005× the step time of gns=off (`bench overhead`, vari
 from __future__ import annotations
 
 import functools
+import json
 import math
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -673,12 +675,7 @@ def _layer_norm_bwd_reduce_kernel(
 
 MAX_N = 8192  # the largest hidden size the row-in-registers kernels are built and tested for
 
-# (BLOCK_M rows per program, num_warps) of the forward, by BLOCK_N = next power of two >= N and
-# bytes per element; from gnsrepro.benchmarks.layernorm.sweep() on one H200 (torch 2.11, triton 3.6).
-_FWD_CONFIG = {
-    (1024, 2): (4, 4), (2048, 2): (1, 4), (4096, 2): (2, 8), (8192, 2): (1, 8),
-    (1024, 4): (4, 4), (2048, 4): (2, 16), (4096, 4): (2, 16), (8192, 4): (1, 16),
-}
+
 class _BwdConfig(NamedTuple):
     """Launch configuration of the backward for one (BLOCK_N, bytes per element)."""
 
@@ -695,14 +692,98 @@ class _BwdConfig(NamedTuple):
     #                         programs first in subgroups (_subgroup; a shorter chain of loads, one more atomic)
 
 
-# By (BLOCK_N, bytes per element), from gnsrepro.benchmarks.layernorm: sweep() on an H200, then
-# sweep_bwd() and variants() on an H100 for BLOCK_N = 1024 (docs/benchmarks.md).
-_BWD_CONFIG = {
-    (1024, 2): _BwdConfig(4, 4, 2, True, 1, stages=3, tail_sub=True), (2048, 2): _BwdConfig(2, 8, 2, False, 1),
-    (4096, 2): _BwdConfig(1, 8, 2, False, 1), (8192, 2): _BwdConfig(1, 16, 2, False, 1),
-    (1024, 4): _BwdConfig(4, 4, 2, True, 1, tail_sub=True), (2048, 4): _BwdConfig(2, 16, 2, False, 1),
-    (4096, 4): _BwdConfig(2, 16, 2, False, 1), (8192, 4): _BwdConfig(1, 8, 2, False, 1),
+# The tuned launch configurations by (BLOCK_N, bytes per element), with where each value came from (the
+# device, date, commit and command of the sweep that chose it, and what it measured): package data that
+# `python -m benchmarks.tuning.layernorm --sweep --write-table PATH` writes (docs/benchmarks.md).
+LAUNCH_TABLE = Path(__file__).with_name("launch_table.json")
+_FWD_FIELDS = ("block_m", "num_warps")
+_SOURCE_FIELDS = ("device", "date", "commit", "command")
+
+
+def _is_pow2(v) -> bool:
+    return type(v) is int and v > 0 and v & (v - 1) == 0
+
+
+# what each field of an entry may hold: (check, what it accepts)
+_FIELD_CHECKS = {
+    "block_m": (_is_pow2, "a power of two"),
+    "num_warps": (_is_pow2, "a power of two"),
+    "per_sm": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "tail": (lambda v: type(v) is bool, "true or false"),
+    "depth": (lambda v: type(v) is int and v in (1, 2), "1 or 2"),
+    "stages": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "maxnreg": (lambda v: v is None or (type(v) is int and v > 0), "null or a positive integer"),
+    "tail_sub": (lambda v: type(v) is bool, "true or false"),
 }
+
+
+def launch_table_keys() -> set[tuple[int, int]]:
+    """Every (BLOCK_N, bytes per element) the launchers look up in the table: BLOCK_N = 1024 ... MAX_N (below
+    1024 a rule in _fwd_config / _bwd_config decides), 2 bytes (bf16, fp16) and 4 (fp32)."""
+    return {(1 << k, nbytes) for k in range(10, MAX_N.bit_length()) for nbytes in (2, 4)}
+
+
+def _table_entries(table: dict, name: str, fields: tuple[str, ...], fail) -> dict[tuple[int, int], dict]:
+    """{(block_n, bytes): {field: value}} of table[name], each entry checked; fail(message) raises."""
+    entries = table.get(name)
+    if not isinstance(entries, list):
+        fail(f"{name!r} must be a list of entries")
+    keys, out = launch_table_keys(), {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("chosen_by", {}), dict):
+            fail(f"each {name} entry must be an object, its chosen_by an object; got {entry!r}")
+        key = (entry.get("block_n"), entry.get("bytes"))
+        where = f"{name} entry (block_n, bytes) = {key}"
+        if key not in keys:
+            fail(f"{where}: block_n must be a power of two from 1024 to {MAX_N} and bytes 2 or 4")
+        if key in out:
+            fail(f"{where} is given twice")
+        given = set(entry) - {"block_n", "bytes", "chosen_by"}
+        if given != set(fields):
+            fail(f"{where}: fields must be {', '.join(fields)}; got {', '.join(sorted(given))}")
+        for field in fields:
+            check, accepts = _FIELD_CHECKS[field]
+            if not check(entry[field]):
+                fail(f"{where}: {field} must be {accepts}, got {entry[field]!r}")
+        for field, source in entry.get("chosen_by", {}).items():
+            if field not in fields or source not in table["sources"]:
+                fail(f"{where}: chosen_by must map its fields to names in 'sources', got {field!r}: {source!r}")
+        out[key] = {field: entry[field] for field in fields}
+    if missing := sorted(keys - set(out)):
+        fail(f"{name!r} has no entry for (block_n, bytes) {missing}")
+    return out
+
+
+def load_launch_table(path=LAUNCH_TABLE) -> tuple[dict, dict]:
+    """(forward, backward) launch configurations by (BLOCK_N, bytes per element) from a launch_table.json.
+
+    Checked before use, so that a table written by hand or by the sweep cannot leave a size without a
+    configuration: an entry for every key of launch_table_keys() in each of "forward" (block_m, num_warps)
+    and "backward" (_BwdConfig's fields, all of them), values the kernels accept, and every source that an
+    entry's chosen_by names described in "sources" (device, date, commit, command). ValueError otherwise.
+    """
+
+    def fail(message: str):
+        raise ValueError(f"launch table {path}: {message}")
+
+    try:
+        table = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        fail(f"not JSON ({e})")
+    sources = table.get("sources") if isinstance(table, dict) else None
+    if not isinstance(sources, dict):
+        fail("'sources' must map each source's name to its description")
+    for name, source in sources.items():
+        if missing := [k for k in _SOURCE_FIELDS if k not in source]:
+            fail(f"source {name!r} lacks {', '.join(missing)}")
+    forward = _table_entries(table, "forward", _FWD_FIELDS, fail)
+    backward = _table_entries(table, "backward", _BwdConfig._fields, fail)
+    return ({k: (e["block_m"], e["num_warps"]) for k, e in forward.items()},
+            {k: _BwdConfig(**e) for k, e in backward.items()})
+
+
+# (BLOCK_M rows per program, num_warps) of the forward and _BwdConfig of the backward, by (BLOCK_N, bytes)
+_FWD_CONFIG, _BWD_CONFIG = load_launch_table()
 _TAIL_MAX_BYTES = 256 << 10
 _CPU_TARGET_PROGRAMS = 4  # the interpreter runs programs one after another: a handful is plenty
 # Launch the kernels with programmatic dependent launch where the GPU has it (sm90+). Each kernel lets

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU work of a session in one script, for the device machine (torch 2.11 / triton 3.6, no registry).
 # Usage, from the project root, with .whl/ built by ../shared/device/wheelhouse.sh and carried along:
-#   bash gnsrepro/benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose fixed variants sweepbwd sweep train overhead run111m small ddp
-#   schedule)
+#   bash benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose fixed variants sweepbwd sweep train overhead run111m small ddp
+#   schedule profile)
 # Prints each command before running it; logs and parquet land in $OUT (or outputs/gpu-session).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -18,15 +18,15 @@ for stage in "$@"; do
   case $stage in
     tests)     run python3 -m pytest -q -m gpu tests ;;
     layernorm) run python3 -m gnsrepro bench layernorm out=$OUT/layernorm.parquet ;;
-    diagnose)  run python3 -m gnsrepro.benchmarks.layernorm --diagnose ;;
-    fixed)     run python3 -m gnsrepro.benchmarks.layernorm --fixed-costs --sizes ${SIZES:-768} --dtypes ${DTYPES:-bf16} \
+    diagnose)  run python3 -m benchmarks.tuning.layernorm --diagnose ;;
+    fixed)     run python3 -m benchmarks.tuning.layernorm --fixed-costs --sizes ${SIZES:-768} --dtypes ${DTYPES:-bf16} \
                  --seqs ${SEQS:-512,2048,8192} --out $OUT/fixed_costs.csv ;;
-    variants)  run python3 -m gnsrepro.benchmarks.layernorm --variants --sizes ${SIZES:-768,1024,2048,4096,8192} \
+    variants)  run python3 -m benchmarks.tuning.layernorm --variants --sizes ${SIZES:-768,1024,2048,4096,8192} \
                  --dtypes ${DTYPES:-bf16,fp32} --subs ${SUBS:-0,-1} --pdls ${PDLS:-0,1} --stages ${STAGES:-table} \
                  --per-sms ${PER_SMS:-1,2} --tail-rows ${TAIL_ROWS:-0} --out $OUT/variants.csv ;;
-    sweepbwd)  run python3 -m gnsrepro.benchmarks.layernorm --sweep-bwd --sizes ${SIZES:-768,1024} --dtypes ${DTYPES:-bf16,fp32} --jobs ${JOBS:-12} \
+    sweepbwd)  run python3 -m benchmarks.tuning.layernorm --sweep-bwd --sizes ${SIZES:-768,1024} --dtypes ${DTYPES:-bf16,fp32} --jobs ${JOBS:-12} \
                  --out $OUT/sweep_bwd.csv ;;
-    sweep)     run python3 -m gnsrepro.benchmarks.layernorm --sweep --out $OUT/sweep.csv ;;
+    sweep)     run python3 -m benchmarks.tuning.layernorm --sweep --out $OUT/sweep.csv ;;
     train)     run python3 -m gnsrepro bench train model=111M micro_batch_size=16 ;;
     overhead)  run python3 -m gnsrepro bench overhead model=111M micro_batch_size=16 steps=60 rounds=5 warmup=5 ;;
     small)     run python3 -m gnsrepro train scale=small max_tokens=20000000 out_dir=$RUNS/small log_interval=20 \
@@ -49,6 +49,9 @@ print(d[d.step == d.step.max()].to_string(index=False))" ;;
                run python3 -m gnsrepro plot figure=schedule "run=[$(ls -d outputs/schedule/small/*-seed* | paste -sd,)]" \
                  out=$OUT/schedule
                tar czf "$OUT/schedule_runs.tar.gz" --exclude=ckpt.pt outputs/schedule/small ;;
+    profile)   # where a compiled step's time goes (SITUATIONS=MODEL:SEQ:MICRO:VARIANT,...)
+               run python3 -m benchmarks.profile_step ${SITUATIONS:+--situations $SITUATIONS} ${EAGER:+--eager} \
+                 --out $OUT/profile.csv ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done
