@@ -22,6 +22,7 @@ COMMANDS = {
     "plot": "figures from run directories: plot figure=NAME run=DIR (plot alone lists them)",
     "sweep": "each layer type's GNS against the total's over EMA factors: sweep ema_alpha=0.9,0.99 run=DIR",
     "variance": "standard error of the GNS estimate against B_small and B_big from a run's model: variance run=DIR",
+    "flashattn": "fused against plain attention, students of a teacher with noisy QKV biases: flashattn experiment=...",
     "reproduce": "every experiment, figure and REPORT.md of a scale: reproduce plan=tiny|small|paper [part=NAME]",
 }
 # `gnsrepro bench layernorm ...` and `gnsrepro cost ...`: a bare word after the command is its target
@@ -276,9 +277,16 @@ def _variance(cfg) -> None:
     run_variance(cfg)
 
 
+def _flashattn(cfg) -> None:
+    from gnsrepro.flashattn import run_flashattn
+
+    run_flashattn(cfg)
+
+
 TASKS = {"prepare": _prepare, "train": _train, "bench": _bench, "cost": _cost, "plot": _plot, "sweep": _sweep,
          "reproduce": _reproduce}
 TASKS["variance"] = _variance
+TASKS["flashattn"] = _flashattn
 
 
 # settings that take lists, per command: the CLI turns `key=a,b` into `key=[a,b]` (bracket_list_overrides);
@@ -286,6 +294,8 @@ TASKS["variance"] = _variance
 LIST_KEYS = {"sweep": (("ema_alpha", "run", "group", "source"), ("ema_alpha",)),
              "plot": (("run", "alphas"), ("alphas",))}
 LIST_KEYS["variance"] = (("points", "b_small", "b_big"), ("b_small", "b_big"))
+LIST_KEYS["flashattn"] = (("sigmas",), ("sigmas",))
+LIST_KEYS["bench"] = (("models", "micro_batch_sizes", "compiles"), ("micro_batch_sizes", "compiles"))
 
 
 def bracket_list_overrides(argv: list[str], command: str = "sweep") -> list[str]:

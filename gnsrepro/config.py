@@ -28,6 +28,9 @@ class ModelConfig:
     dropout: float = 0.0
     # blocks whose attention L2-normalises query and key (the paper's stability fix: [0])
     cosine_attn_blocks: list[int] = field(default_factory=list)
+    attention: str = "sdpa"  # sdpa (F.scaled_dot_product_attention: flash on a GPU) | math (written out, float32)
+    # torch (F.cross_entropy) | triton (gnsrepro/kernels/cross_entropy.py) | auto (triton in eager CUDA runs)
+    loss_kernel: str = "torch"
 
 
 @dataclass
@@ -106,7 +109,7 @@ class GNSConfig:
 
     mode: str = "off"  # off | ln | all
     method: str = "auto"  # Linear layers: simultaneous | ghost | auto (by the cost model)
-    ln_backend: str = "auto"  # torch | triton | auto (triton on CUDA, torch on CPU)
+    ln_backend: str = "auto"  # torch | triton | auto (measured faster: gnsrepro/kernels/ln_backend.py; torch on CPU)
     ema_alpha: float = 0.99  # smoothing of the console's GNS and of a GNS-driven schedule; logs keep raw components
     outlier_guard: bool = True  # clip one-step outliers of the components before that smoothing (HampelFilter)
     per_layer: bool = False  # also log one row per parameter
@@ -134,6 +137,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False
+    # replay each step from a CUDA graph: auto | true | false (auto: on one CUDA GPU without dropout; the small
+    # models' steps are bound by kernel launches, gnsrepro/cuda_graphs.py)
+    cuda_graphs: str = "false"
     prepare_missing: bool = True  # prepare the data set when its token files are missing
 
 
@@ -154,9 +160,16 @@ class BenchConfig:
     warmup: int = 5
     rounds: int = 5  # overhead: the variants' timed steps in this many interleaved rounds
     compile: bool = True
+    cuda_graphs: str = "false"  # auto | true | false, as train's (gnsrepro/cuda_graphs.py)
     dtype: str = "auto"
     device: str = "auto"
     out: Optional[str] = None  # parquet of the results (layernorm: default outputs/bench/layernorm.parquet)
+    # overhead over situations: every (model, micro-batch, compile) of these lists; an empty list means the single
+    # model= / micro_batch_size= / compile= above (models are read from conf/model/<name>.yaml)
+    models: list[str] = field(default_factory=list)
+    micro_batch_sizes: list[int] = field(default_factory=list)
+    compiles: list[bool] = field(default_factory=list)
+    record: bool = False  # overhead: write the ln torch / ln triton times into gnsrepro/kernels/ln_backend.csv
 
 
 @dataclass
@@ -202,6 +215,28 @@ class VarianceConfig:
 
 
 @dataclass
+class FlashAttnConfig:
+    """`gnsrepro flashattn experiment=flashattn/tiny`: fused against plain attention in a teacher/student
+    experiment (gnsrepro.flashattn, docs/flashattn.md)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    out_dir: str = "outputs/flashattn/run"  # flashattn.parquet, config.yaml and meta.json
+    sigmas: list[float] = field(default_factory=lambda: [0.0, 1.0, 4.0, 16.0])  # std of the teacher's c_attn bias noise
+    noise: str = "qkv"  # the c_attn biases noised: qkv (the paper's QKV bias) | qk (query and key: not the value's)
+    student_init: str = "noisy"  # noisy (own N(0, sigma²) on the c_attn biases) | fresh (the plain GPT init)
+    steps: int = 100  # optimizer steps per student
+    batch_size: int = 8  # random token sequences per step
+    seq_len: Optional[int] = None  # default: model.block_size
+    teacher_logit_std: float = 2.0  # the teacher's output logits are scaled to this std (a sharper target)
+    divergence_loss: Optional[float] = None  # a loss above it (or non-finite) stops a student; None: ln(vocab_size)
+    seed: int = 0  # the teacher's init (seed), the students' (seed + 1), the noise and the token sequences
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    force: bool = False  # run again even when out_dir holds the table of these settings
+
+
+@dataclass
 class PlotConfig:
     """`gnsrepro plot figure=NAME run=DIR out=PATH`: the names and their inputs are gnsrepro.figures.FIGURES."""
 
@@ -242,3 +277,4 @@ def register_configs() -> None:
     cs.store(name="sweep_schema", node=SweepConfig)
     cs.store(name="plot_schema", node=PlotConfig)
     cs.store(name="variance_schema", node=VarianceConfig)
+    cs.store(name="flashattn_schema", node=FlashAttnConfig)

@@ -186,6 +186,16 @@ class GNSTracker:
         if self.collector is not None:
             self.collector.zero()
 
+    def pop_step(self) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Take back the last end_step's (values, (batch size, micro-batch size)): gnsrepro.cuda_graphs drops
+        its warm-up steps' and keeps its capture's values, which each replay then overwrites."""
+        return self._steps.pop(), self._batches.pop()
+
+    def push_step(self, values: torch.Tensor, batch: tuple[int, int]) -> None:
+        """Record a step's values as end_step does (a replayed graph's, cloned)."""
+        self._steps.append(values)
+        self._batches.append(batch)
+
     def _columns(self, x: torch.Tensor) -> torch.Tensor:
         """(S, 2, P) per-parameter values -> (S, 2, columns): group sums, total, per-parameter."""
         S = x.shape[0]

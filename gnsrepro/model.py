@@ -66,6 +66,31 @@ class Layers:
     tied_embedding: type[nn.Module] = TiedEmbedding  # token embedding + output head
 
 
+ATTENTIONS = ("sdpa", "math")  # GPTConfig.attention: the fused kernels, or plain attention written out
+LOSS_KERNELS = ("auto", "torch", "triton")  # GPTConfig.loss_kernel
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                   dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal self-attention written out: softmax(q kᵀ · scale + M) v, M = -inf above the diagonal (Vaswani et
+    al. 2017, eq. 1; scale defaults to 1/sqrt(head_dim), as F.scaled_dot_product_attention's).
+
+    The reference that fused kernels (flash attention) are compared with: the logits, the softmax and its
+    product with v are computed in at least float32 with autocast off (float64 for float64 inputs), so none of
+    it rounds to bf16; the result is cast back to v's dtype. Memory is (B, heads, T, T) in that dtype.
+    """
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
+        logits = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(q.size(-1)))
+        T = logits.size(-1)  # queries and keys are the same positions (the model's self-attention)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        att = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        if dropout_p > 0:
+            att = F.dropout(att, p=dropout_p)
+        return (att @ v32).to(v.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layers: Layers, cosine: bool = False):
         super().__init__()
@@ -79,6 +104,9 @@ class CausalSelfAttention(nn.Module):
         # Cosine attention: unit-length q and k, logits cos(q, k) * sqrt(head_dim), i.e. the range that
         # sdpa's default 1/sqrt(head_dim) scale gives unit-variance q, k. Bounded logits cannot blow up.
         self.cosine = cosine
+        if config.attention not in ATTENTIONS:
+            raise ValueError(f"attention={config.attention!r} is not known; accepted: {', '.join(ATTENTIONS)}")
+        self.attention = config.attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence, embedding
@@ -91,9 +119,11 @@ class CausalSelfAttention(nn.Module):
         if self.cosine:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
             scale = math.sqrt(hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, scale=scale
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        if self.attention == "math":
+            y = math_attention(q, k, v, scale=scale, dropout_p=dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -143,6 +173,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     cosine_attn_blocks: tuple[int, ...] = field(default_factory=tuple)
+    attention: str = "sdpa"  # ATTENTIONS: sdpa (F.scaled_dot_product_attention: flash on a GPU) | math (written out)
+    # LOSS_KERNELS: torch (F.cross_entropy) | triton (gnsrepro.kernels.cross_entropy) | auto (triton on CUDA)
+    loss_kernel: str = "torch"
 
 
 class GPT(nn.Module):
@@ -181,7 +214,10 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True):
+        """(logits, loss); loss None without targets (then logits of the last position only). Training passes
+        return_logits=False and gets (None, loss): a compiled graph that returned the (B, T, V) logits would
+        also take a gradient for them in its backward, which autograd fills with zeros (a B·T·V write)."""
         B, T = idx.size()  # batch, sequence
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
@@ -195,10 +231,23 @@ class GPT(nn.Module):
             return self.transformer.wte.unembed(x[:, [-1], :]), None
         logits = self.transformer.wte.unembed(x)
         # mean over all B*T tokens: example b's gradient is that of its own mean token loss, over B
+        kernel = self.config.loss_kernel
+        if kernel not in LOSS_KERNELS:
+            raise ValueError(f"loss_kernel={kernel!r} is not known; accepted: {', '.join(LOSS_KERNELS)}")
+        # auto: the kernel in eager CUDA runs only; compiled, inductor's own two loss kernels are as fast (H200,
+        # (16·1024, 50304) bf16: 2.26 ms against the kernel's 2.33; eagerly F.cross_entropy takes 10.7 ms)
+        if kernel == "triton" or (kernel == "auto" and logits.is_cuda and not torch.compiler.is_compiling()):
+            from gnsrepro.kernels.cross_entropy import cross_entropy
+
+            # the same value and gradient from one fused kernel; the gradient overwrites the logits when they
+            # are not returned (float64 and CPU logits without TRITON_INTERPRET go to F.cross_entropy)
+            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+                                 inplace=not return_logits)
+            return (logits if return_logits else None), loss
         # at least fp32 (bf16 logits under autocast), and fp64 for a float64 model
         logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(logits32.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM, appendix B).

@@ -588,7 +588,7 @@ def per_example_sqnorms(model: nn.Module, idx: torch.Tensor, targets: torch.Tens
             if isinstance(m, PerExampleLayerNorm) and ln_backend is not None:
                 m.backend = _check_choice("ln_backend", ln_backend, LN_BACKENDS)
         collector.attach(idx.shape[0])
-        _, loss = model(idx, targets)
+        _, loss = model(idx, targets, return_logits=False)
         loss.backward()
         norms = collector.per_example(idx.shape[0])  # GPT's loss is the mean over B examples: n = B
     finally:

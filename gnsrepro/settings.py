@@ -18,6 +18,7 @@ from gnsrepro.data.tokenizer import EOT
 from gnsrepro.errors import ConfigError
 from gnsrepro.gns import PARAM_GROUPS
 from gnsrepro.gns_tracker import SOURCES
+from gnsrepro.model import ATTENTIONS, LOSS_KERNELS
 from gnsrepro.schedule import LR_SCALINGS, SCHEDULES
 
 VOCAB = EOT + 1  # token ids of every prepared data set (GPT-2 BPE) are below this
@@ -54,6 +55,10 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
     need(0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)")
     need(all(0 <= b < m.n_layer for b in m.cosine_attn_blocks),
          f"model.cosine_attn_blocks={list(m.cosine_attn_blocks)} must name blocks in [0, {m.n_layer})")
+    need(m.attention in ATTENTIONS, f"model.attention={m.attention!r} is not known; accepted: {', '.join(ATTENTIONS)} "
+         "(F.scaled_dot_product_attention's fused kernels, or attention written out in float32)")
+    need(m.loss_kernel in LOSS_KERNELS, f"model.loss_kernel={m.loss_kernel!r} is not known; accepted: "
+         f"{', '.join(LOSS_KERNELS)} (auto: the fused Triton cross-entropy on CUDA, F.cross_entropy elsewhere)")
     seq_len = cfg.seq_len if cfg.seq_len is not None else m.block_size
     need(seq_len > 0, f"seq_len={seq_len} must be a positive integer")
     need(seq_len <= m.block_size,
@@ -94,12 +99,21 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
     need(g.mode == "off" or g.ln_backend != "triton" or not on_cpu or os.environ.get("TRITON_INTERPRET") == "1",
          "gns.ln_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow CPU interpreter); "
          "use gns.ln_backend=auto or torch on a CPU")
+    need(m.loss_kernel != "triton" or not on_cpu or os.environ.get("TRITON_INTERPRET") == "1",
+         "model.loss_kernel=triton needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow CPU interpreter); "
+         "use model.loss_kernel=auto or torch on a CPU")
     need(cfg.dtype in ("auto", *DTYPE_NAMES),
          f"dtype={cfg.dtype!r} is not known; accepted: auto, {', '.join(DTYPE_NAMES)}")
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
          f"device={cfg.device!r} is not known; accepted: auto, cpu, cuda, cuda:N")
     need(not cfg.device.startswith("cuda") or torch.cuda.is_available(),
          f"device={cfg.device!r} but no CUDA GPU is visible; use device=auto or device=cpu")
+    graphs = str(cfg.cuda_graphs).lower()
+    need(graphs in ("auto", "true", "false"),
+         f"cuda_graphs={cfg.cuda_graphs!r} is not known; accepted: auto, true, false")
+    need(graphs != "true" or (not on_cpu and world_size == 1 and m.dropout == 0),
+         f"cuda_graphs=true needs one CUDA GPU and model.dropout=0 (here: {'CPU' if on_cpu else 'CUDA'}, world size "
+         f"{world_size}, dropout {m.dropout}); use cuda_graphs=auto, which captures only where it can")
     for key in ("log_interval", "eval_batches"):
         need(cfg[key] > 0, f"{key}={cfg[key]} must be a positive integer")
     for key in ("eval_interval", "checkpoint_interval"):

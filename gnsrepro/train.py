@@ -45,23 +45,42 @@ RUN_FILES = ("config.yaml", "metrics.parquet", "gns.parquet", "ckpt.pt")  # any 
 # ---- building blocks (shared with the benchmarks) ---------------------------------------------------
 def gpt_config(m: ModelConfig) -> GPTConfig:
     return GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
-                     n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, cosine_attn_blocks=tuple(m.cosine_attn_blocks))
+                     n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, cosine_attn_blocks=tuple(m.cosine_attn_blocks),
+                     attention=m.attention, loss_kernel=m.loss_kernel)
 
 
-def resolve_ln_backend(g: GNSConfig, device: torch.device) -> str:
-    if g.ln_backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return g.ln_backend
+def ln_backend_choice(g: GNSConfig, device: torch.device, n_embd: int | None = None, compile: bool = False,
+                      micro_batch_size: int | None = None) -> tuple[str, str]:
+    """(backend, why): gns.ln_backend as set, or for auto torch on a CPU and on CUDA the backend measured faster
+    in the nearest recorded situation of gnsrepro/kernels/ln_backend.csv (same GPU, else its family such as
+    H100/H200; same compile mode; nearest n_embd, then micro-batch: kernels.ln_backend.choose_ln_backend);
+    triton, the choice before measurements were recorded, where the table has no row for the GPU's family."""
+    if g.ln_backend != "auto":
+        return g.ln_backend, f"gns.ln_backend={g.ln_backend}"
+    if device.type != "cuda":
+        return "torch", "auto: torch off CUDA (the Triton kernel runs on CUDA GPUs only)"
+    from gnsrepro.kernels.ln_backend import choose_ln_backend
+
+    backend, why = choose_ln_backend(torch.cuda.get_device_name(device), compile, n_embd, micro_batch_size)
+    return backend, f"auto: {why}"
 
 
-def build_model(m: ModelConfig, g: GNSConfig, device: torch.device):
-    """A GPT with the layers that gns.mode asks for, and the collector of their per-example norms."""
+def resolve_ln_backend(g: GNSConfig, device: torch.device, n_embd: int | None = None, compile: bool = False,
+                       micro_batch_size: int | None = None) -> str:
+    """The LayerNorm backend gns.ln_backend names, auto resolved by measurement (ln_backend_choice)."""
+    return ln_backend_choice(g, device, n_embd, compile, micro_batch_size)[0]
+
+
+def build_model(m: ModelConfig, g: GNSConfig, device: torch.device, compile: bool = False,
+                micro_batch_size: int | None = None):
+    """A GPT with the layers that gns.mode asks for, and the collector of their per-example norms; compile and
+    micro_batch_size pick gns.ln_backend=auto's backend (resolve_ln_backend)."""
     if g.mode == "off":
         return GPT(gpt_config(m), Layers()).to(device), None
     from gnsrepro.pegn import PerExampleNorms, instrumented_layers
 
-    layers = instrumented_layers(g.mode, method=g.method, ln_backend=resolve_ln_backend(g, device),
-                                 chunk_size=g.chunk_size)
+    backend = resolve_ln_backend(g, device, n_embd=m.n_embd, compile=compile, micro_batch_size=micro_batch_size)
+    layers = instrumented_layers(g.mode, method=g.method, ln_backend=backend, chunk_size=g.chunk_size)
     model = GPT(gpt_config(m), layers).to(device)
     return model, PerExampleNorms(model)
 
@@ -105,6 +124,12 @@ def clip_by_total_norm(params: list[torch.nn.Parameter], sq: torch.Tensor, max_n
     return total
 
 
+def use_cuda_graphs(setting: str, device: torch.device, world_size: int, dropout: float) -> bool:
+    """cuda_graphs=auto|true|false: auto captures the step on one CUDA GPU without dropout (gnsrepro.cuda_graphs
+    says why those); true there too, and settings.validate refuses it elsewhere."""
+    return str(setting).lower() in ("auto", "true") and device.type == "cuda" and world_size == 1 and dropout == 0
+
+
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return DTYPES[setting] if setting != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -122,18 +147,20 @@ class StepParts:
     grad_clip: float
     ddp: nn.Module | None = None
     world_size: int = 1
+    graphed: object | None = None  # a gnsrepro.cuda_graphs.GraphedStep (cuda_graphs=true), which `step` replays
 
 
 def build_step(model_cfg: ModelConfig, gns_cfg: GNSConfig, optim_cfg: OptimConfig, device: torch.device,
                dtype: torch.dtype, compile: bool = False, world_size: int = 1, max_micro_steps: int = 1,
-               micro_batch_size: int = 1) -> StepParts:
-    """The model (instrumented as gns_cfg asks), AdamW, the GNS tracker, compile and DDP, for train_step."""
+               micro_batch_size: int = 1, cuda_graphs: bool = False) -> StepParts:
+    """The model (instrumented as gns_cfg asks), AdamW, the GNS tracker, compile and DDP, for `step`; cuda_graphs:
+    replay each step from a CUDA graph (gnsrepro.cuda_graphs; one GPU, settings.validate checks the rest)."""
     from gnsrepro.gns_tracker import GNSTracker
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    raw_model, collector = build_model(model_cfg, gns_cfg, device)
+    raw_model, collector = build_model(model_cfg, gns_cfg, device, compile, micro_batch_size)
     optimizer = make_optimizer(raw_model, optim_cfg, device)
     model = torch.compile(raw_model) if compile else raw_model
     ddp = None
@@ -151,13 +178,27 @@ def build_step(model_cfg: ModelConfig, gns_cfg: GNSConfig, optim_cfg: OptimConfi
             collector.attach(micro_batch_size)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    return StepParts(model, raw_model, optimizer, params, tracker, autocast, optim_cfg.grad_clip, ddp, world_size)
+    parts = StepParts(model, raw_model, optimizer, params, tracker, autocast, optim_cfg.grad_clip, ddp, world_size)
+    if cuda_graphs:
+        from gnsrepro.cuda_graphs import GraphedStep
+
+        parts.graphed = GraphedStep(parts)
+    return parts
+
+
+def step(parts: StepParts, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int,
+         lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: train_step, or its CUDA-graph replay when build_step captured one."""
+    if parts.graphed is not None:
+        return parts.graphed(micro_batches, batch_size, lr)
+    return train_step(parts, micro_batches, batch_size, lr)
 
 
 def train_step(parts: StepParts, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int,
-               lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+               lr: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches: (mean loss over the global batch, unclipped gradient
-    norm), both 0-d tensors on the device (nothing here waits for the device)."""
+    norm), both 0-d tensors on the device (nothing here waits for the device). lr: a float, or the device
+    tensor that a captured step reads (gnsrepro.cuda_graphs)."""
     p, accum = parts, len(micro_batches)
     for group in p.optimizer.param_groups:
         group["lr"] = lr
@@ -168,7 +209,7 @@ def train_step(parts: StepParts, micro_batches: list[tuple[torch.Tensor, torch.T
         sync = p.ddp is None or k == accum - 1  # DDP all-reduces on the last micro-batch only
         with nullcontext() if sync else p.ddp.no_sync():
             with p.autocast:
-                _, loss = p.model(x, y)
+                _, loss = p.model(x, y, return_logits=False)
             if p.tracker is not None:
                 p.tracker.before_backward(k)
             (loss / accum).backward()
@@ -361,7 +402,8 @@ def open_run(cfg: TrainConfig | DictConfig, overrides: list[str] | None = None) 
     micro = cfg.schedule.micro_batch_size
     schedule = build_schedule(cfg.schedule, d.world_size, cfg.max_tokens, cfg.max_steps, seq_len)
     parts = build_step(cfg.model, cfg.gns, cfg.optim, device, dtype, cfg.compile, d.world_size,
-                       max_micro_steps=schedule.max_batch_size() // (micro * d.world_size), micro_batch_size=micro)
+                       max_micro_steps=schedule.max_batch_size() // (micro * d.world_size), micro_batch_size=micro,
+                       cuda_graphs=use_cuda_graphs(cfg.cuda_graphs, device, d.world_size, cfg.model.dropout))
     step = tokens = 0
     if ckpt is not None:
         parts.raw_model.load_state_dict(ckpt["model"])
@@ -399,6 +441,9 @@ def _write_run_record(run: Run, dtype: torch.dtype) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     record = run_metadata(run.device, run.d.world_size)
+    if cfg.gns.mode != "off":  # the LayerNorm backend build_model chose, and why (gns.ln_backend=auto: by measurement)
+        record["ln_backend"], record["ln_backend_why"] = ln_backend_choice(
+            cfg.gns, run.device, cfg.model.n_embd, cfg.compile, cfg.schedule.micro_batch_size)
     if step:
         record["changed_settings"] = {k: {"before": old, "after": new} for k, (old, new) in run.changed.items()}
     meta = "meta.json" if step == 0 else f"meta-resumed-at-{step}.json"  # the first start's is kept
@@ -461,7 +506,7 @@ def train(cfg: TrainConfig | DictConfig, overrides: list[str] | None = None) -> 
                 raise ConfigError(f"the batch schedule asked for {batch_size} sequences at step {run.step}; it may ask "
                                   f"for multiples of {quantum} up to schedule.batch_size={schedule.max_batch_size()}")
             lr = lr_at(run.tokens, cfg.optim, total_tokens) * lr_multiplier(cfg.schedule, batch_size)
-            loss, grad_norm = train_step(run.parts, run.micro_batches(batch_size), batch_size, lr)
+            loss, grad_norm = step(run.parts, run.micro_batches(batch_size), batch_size, lr)
             run.step += 1
             run.tokens += batch_size * run.seq_len
             now = time.perf_counter()

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import gnsrepro.benchmarks.train as B
@@ -85,3 +86,280 @@ def test_overhead_writes_its_table_when_asked(tmp_path, capsys):
     assert df.variant.tolist() == CPU_VARIANTS and df.relative_step_time.iloc[0] == 1.0
     assert (df.relative_step_time == df.step_time_s / df.step_time_s.iloc[0]).all()
     assert set(df.model) == {"tiny"} and set(df.device) == {"cpu"}
+
+
+# ---- bench overhead over situations: lists, the table, the parquet, OOM --------------------------------
+def test_the_lists_expand_to_every_situation_in_order():
+    cfg = bench_cfg("models=[tiny,20M,tiny]", "micro_batch_sizes=[1,2]", "compiles=[false,true]")
+    got = [(s.model.name, s.micro_batch_size, s.compile) for s in B.situations(cfg)]
+    assert got == [(m, b, c) for m in ("tiny", "20M") for b in (1, 2) for c in (False, True)]  # repeats dropped
+    s = B.situations(cfg)[4]
+    # the model is conf/model/20M.yaml's shape, and the situation's own lists are emptied
+    assert (s.model.n_layer, s.model.n_embd, s.model.block_size) == (9, 256, 1024)
+    assert list(s.models) == list(s.micro_batch_sizes) == list(s.compiles) == []
+    # empty lists: the single model= / micro_batch_size= / compile=
+    single = B.situations(bench_cfg("micro_batch_size=3"))
+    assert [(s.model.name, s.micro_batch_size, s.compile) for s in single] == [("tiny", 3, False)]
+
+
+def test_the_cli_brackets_the_bench_lists():
+    from gnsrepro.cli import bracket_list_overrides
+
+    argv = bracket_list_overrides(["overhead", "models=20M,1.3B", "micro_batch_sizes=16,64", "compiles=true,false",
+                                   "micro_batch_size=8"], "bench")
+    assert argv == ["overhead", "models=['20M','1.3B']", "micro_batch_sizes=[16,64]", "compiles=[true,false]",
+                    "micro_batch_size=8"]
+    cfg = bench_cfg(*argv[1:])
+    assert list(cfg.models) == ["20M", "1.3B"] and list(cfg.micro_batch_sizes) == [16, 64]
+    assert list(cfg.compiles) == [True, False]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["models=[tiny,111m]"], r"^models=111m is not known \(no conf/model/111m.yaml\); accepted: 1.3B, 111M, .*tiny$"),
+    (["micro_batch_sizes=[2,0]"], r"^micro_batch_sizes=0: accepts positive integers"),
+    (["micro_batch_size=0"], r"^micro_batch_size=0: accepts positive integers"),
+    (["models=[20M,tiny]", "seq_len=512"], r"^seq_len=512 is longer than model tiny's context model.block_size=128$"),
+    (["record=true"], r"^record=true writes .* needs a CUDA GPU"),
+])
+def test_bad_situations_are_refused_before_any_work(overrides, message, monkeypatch, capsys):
+    monkeypatch.setattr(B, "time_overhead", lambda cfg, device: pytest.fail("timed a situation"))
+    with pytest.raises(ConfigError, match=message):
+        B.bench_overhead(bench_cfg(*overrides))
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("overrides", [["models=[tiny]"], ["compiles=[true]"], ["record=true"]])
+def test_train_refuses_the_overhead_settings(overrides):
+    from gnsrepro.benchmarks import check_bench_settings
+
+    with pytest.raises(ConfigError, match=r"bench train"):
+        check_bench_settings(bench_cfg("target=train", *overrides))
+
+
+def fake_times(cfg, device):
+    """time_overhead's results, made up: gns=off takes micro_batch_size ms, each variant k (k/10 + 1) times that;
+    the 20M model at micro-batch 2 runs out of GPU memory."""
+    if cfg.model.name == "20M" and cfg.micro_batch_size == 2:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    off = 1e-3 * cfg.micro_batch_size
+    return [{"variant": v, "step_time_s": off * (1 + k / 10), "tokens_per_s": 1.0, "mfu": 0.25 if cfg.compile else
+             float("nan")} for k, v in enumerate(CPU_VARIANTS)]
+
+
+PARQUET_COLUMNS = ["model", "n_embd", "seq_len", "micro_batch_size", "compile", "variant", "status", "step_time_s",
+                   "tokens_per_s", "mfu", "relative_step_time", "steps", "warmup", "rounds", "ln_backend_auto",
+                   "device", "torch", "triton", "date", "git_commit", "git_dirty"]
+
+
+def test_overhead_prints_the_whole_table_and_writes_every_row(monkeypatch, tmp_path, capsys):
+    import pandas as pd
+
+    from gnsrepro.benchmarks import run_benchmark
+
+    monkeypatch.setattr(B, "time_overhead", fake_times)
+    out = tmp_path / "overhead.parquet"
+    run_benchmark(bench_cfg("models=[tiny,20M]", "micro_batch_sizes=[1,2]", "compiles=[false,true]", "steps=4",
+                            "rounds=2", "seq_len=null", f"out={out}"))  # seq_len: each model's context
+    printed = capsys.readouterr().out
+    assert "bench overhead [1/8]: model tiny | seq_len 128 | micro-batch 1 | compile False" in printed
+    assert "bench overhead [8/8]: model 20M | seq_len 1024 | micro-batch 2 | compile True" in printed
+    table = printed[printed.index("8 situation(s)"):].splitlines()[1:]
+    assert table[0].split() == ["model", "seq_len", "micro", "compile", "off", "ms", "MFU", "ln", "torch", "all",
+                                "simultaneous", "all", "ghost", "auto"]
+    assert table[1].split() == ["tiny", "128", "1", "False", "1.0", "-", "1.100x", "1.200x", "1.300x", "torch"]
+    assert table[4].split() == ["tiny", "128", "2", "True", "2.0", "25.0%", "1.100x", "1.200x", "1.300x", "torch"]
+    assert table[7].split()[:5] == ["20M", "1024", "2", "False", "OOM"] and table[9].startswith("wrote ")
+    assert printed.count("OOM: model 20M at micro-batch 2 does not fit") == 2  # compile false and true
+
+    df = pd.read_parquet(out)
+    assert list(df.columns) == PARQUET_COLUMNS and len(df) == 8 * len(CPU_VARIANTS)
+    ok = df[df.status == "ok"]
+    assert (ok.relative_step_time == ok.step_time_s / ok.micro_batch_size / 1e-3).all()  # off = micro ms
+    oom = df[df.status == "OOM"]
+    assert set(zip(oom.model, oom.micro_batch_size)) == {("20M", 2)} and oom.step_time_s.isna().all()
+    assert len(oom) == 2 * len(CPU_VARIANTS) and list(oom.variant[:4]) == CPU_VARIANTS
+    assert set(df.n_embd[df.model == "20M"]) == {256} and set(df.seq_len[df.model == "20M"]) == {1024}
+    assert set(df.ln_backend_auto) == {"torch"} and set(df.device) == {"cpu"}  # auto off CUDA: torch
+    assert (df.steps == 4).all() and (df.rounds == 2).all() and df.date.str.fullmatch(r"\d{4}-\d\d-\d\d").all()
+
+
+def test_overhead_raises_errors_other_than_out_of_memory(monkeypatch):
+    def broken(cfg, device):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(B, "time_overhead", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        B.bench_overhead(bench_cfg())
+
+
+def test_out_of_memory_is_found_through_the_errors_that_wrap_it():
+    try:
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        except RuntimeError as inner:
+            raise ValueError("backend compiler failed") from inner
+    except ValueError as wrapped:
+        assert B._is_oom(wrapped)
+    assert not B._is_oom(ValueError("backend compiler failed")) and not B._is_oom(None)
+
+
+# ---- gns.ln_backend=auto by recorded measurement -------------------------------------------------------------
+SYNTHETIC_TABLE = """\
+device,compile,n_embd,micro_batch_size,seq_len,torch_ms,triton_ms,faster,date,commit,command
+NVIDIA H200,True,256,16,1024,15.0,30.0,torch,2026-12-01,abc1234,synthetic
+NVIDIA H200,True,768,16,2048,64.0,63.0,triton,2026-12-01,abc1234,synthetic
+NVIDIA H200,True,768,64,2048,250.0,260.0,torch,2026-12-01,abc1234,synthetic
+NVIDIA H200,False,256,16,1024,40.0,30.0,triton,2026-12-01,abc1234,synthetic
+NVIDIA H100 80GB HBM3,False,768,16,2048,100.0,110.0,torch,2026-12-01,abc1234,synthetic
+"""
+
+
+@pytest.fixture
+def on_gpu(monkeypatch, tmp_path):
+    """resolve_ln_backend(device=cuda) against SYNTHETIC_TABLE, as if on the GPU named by set_name()."""
+    import gnsrepro.kernels.ln_backend as L
+
+    table = tmp_path / "ln_backend.csv"
+    table.write_text(SYNTHETIC_TABLE)
+    monkeypatch.setattr(L, "LN_BACKEND_TABLE", table)
+    name = {"gpu": "NVIDIA H200"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name["gpu"])
+
+    def set_name(gpu):
+        name["gpu"] = gpu
+
+    return set_name
+
+
+def auto(device="cuda", **situation):
+    from gnsrepro.config import GNSConfig
+    from gnsrepro.train import resolve_ln_backend
+
+    return resolve_ln_backend(GNSConfig(mode="ln", ln_backend="auto"), torch.device(device), **situation)
+
+
+def test_auto_picks_the_faster_backend_of_the_nearest_recorded_situation(on_gpu):
+    assert auto(n_embd=768, compile=True, micro_batch_size=16) == "triton"  # exact row
+    assert auto(n_embd=768, compile=True, micro_batch_size=64) == "torch"  # exact row, other micro-batch
+    assert auto(n_embd=256, compile=True, micro_batch_size=16) == "torch"
+    # nearest width on a log scale: 448 is nearer 768 (ratio 1.71) than 256 (1.75); 384 nearer 256 (1.5 < 2)
+    assert auto(n_embd=448, compile=True, micro_batch_size=16) == "triton"
+    assert auto(n_embd=384, compile=True, micro_batch_size=16) == "torch"
+    assert auto(n_embd=2048, compile=True, micro_batch_size=8) == "triton"  # width 768, then micro-batch 16
+    assert auto(n_embd=768, compile=True, micro_batch_size=48) == "torch"  # width 768, then micro-batch 64
+    # the compile mode is respected: eager rows only
+    assert auto(n_embd=256, compile=False, micro_batch_size=16) == "triton"
+    # the exact GPU first: eager at width 768 was measured on an H100 (torch), at 256 on an H200 (triton)
+    on_gpu("NVIDIA H100 80GB HBM3")
+    assert auto(n_embd=256, compile=False, micro_batch_size=16) == "torch"
+    # an H100 PCIe: the H100 rows; compiled there are none, so the H200's (one family, sm90)
+    on_gpu("NVIDIA H100 PCIe")
+    assert auto(n_embd=256, compile=False, micro_batch_size=16) == "torch"
+    assert auto(n_embd=256, compile=True, micro_batch_size=16) == "torch"
+    assert auto(n_embd=768, compile=True, micro_batch_size=16) == "triton"
+
+
+def test_auto_without_a_row_for_the_family_is_triton_and_on_a_cpu_torch(on_gpu):
+    from gnsrepro.config import GNSConfig
+    from gnsrepro.train import ln_backend_choice
+
+    on_gpu("NVIDIA A100-SXM4-80GB")
+    assert auto(n_embd=256, compile=True, micro_batch_size=16) == "triton"
+    backend, why = ln_backend_choice(GNSConfig(ln_backend="auto"), torch.device("cuda"), 256, True, 16)
+    assert backend == "triton" and "no compiled measurement for NVIDIA A100-SXM4-80GB (A100)" in why
+    assert auto("cpu", n_embd=256, compile=True, micro_batch_size=16) == "torch"
+    on_gpu("NVIDIA H200")
+    # a set backend is kept whatever the table says
+    assert ln_backend_choice(GNSConfig(ln_backend="torch"), torch.device("cuda"), 768, True, 16)[0] == "torch"
+
+
+def test_build_model_passes_the_situation_to_the_backend_choice(monkeypatch):
+    import gnsrepro.train as T
+    from gnsrepro.config import GNSConfig, ModelConfig
+
+    calls = []
+
+    def resolve(g, device, **situation):
+        calls.append(situation)
+        return "torch"
+
+    monkeypatch.setattr(T, "resolve_ln_backend", resolve)
+    model, _ = T.build_model(ModelConfig(vocab_size=64), GNSConfig(mode="ln"), torch.device("cpu"), compile=True,
+                             micro_batch_size=4)
+    assert calls == [{"n_embd": 64, "compile": True, "micro_batch_size": 4}]
+    assert all(m.backend == "torch" for m in model.modules() if hasattr(m, "backend"))
+
+
+def fake_overhead_rows(torch_s: float, triton_s: float) -> list[dict]:
+    situation = {"model": "20M", "n_embd": 256, "seq_len": 1024, "micro_batch_size": 16, "compile": True,
+                 "status": "ok", "steps": 60, "warmup": 5, "rounds": 5}
+    return [{**situation, "variant": v, "step_time_s": t}
+            for v, t in (("off", 0.015), ("ln torch", torch_s), ("ln triton", triton_s), ("all ghost", 0.05))]
+
+
+def test_record_writes_rows_that_resolve_then_reads_back(on_gpu, tmp_path):
+    import gnsrepro.kernels.ln_backend as L
+
+    table = L.LN_BACKEND_TABLE  # the synthetic table: 20M compiled at micro-batch 16 is torch there
+    rows = B.ln_backend_rows(fake_overhead_rows(0.0301, 0.0152), "NVIDIA H200", "abc1234", "2026-12-02")
+    assert rows == [{"device": "NVIDIA H200", "compile": True, "n_embd": 256, "micro_batch_size": 16, "seq_len": 1024,
+                     "torch_ms": 30.1, "triton_ms": 15.2, "faster": "triton", "date": "2026-12-02", "commit": "abc1234",
+                     "command": "gnsrepro bench overhead model=20M seq_len=1024 micro_batch_size=16 compile=true "
+                                "steps=60 warmup=5 rounds=5"}]
+    L.record_ln_backend(rows, table)
+    df = L.read_table(table)
+    assert len(df) == 5  # the situation's row replaced, not added
+    again = df[(df.n_embd == 256) & df.compile]
+    assert again[["torch_ms", "triton_ms", "faster", "date"]].values.tolist() == [[30.1, 15.2, "triton", "2026-12-02"]]
+    assert auto(n_embd=256, compile=True, micro_batch_size=16) == "triton"
+    # a new situation is added; the others are kept as they were
+    new = B.ln_backend_rows(fake_overhead_rows(0.02, 0.03), "NVIDIA H200", "abc1234", "2026-12-02")
+    new[0]["micro_batch_size"] = 8
+    L.record_ln_backend(new, table)
+    assert len(L.read_table(table)) == 6 and auto(n_embd=256, compile=True, micro_batch_size=8) == "torch"
+    assert auto(n_embd=768, compile=True, micro_batch_size=16) == "triton"
+    # a situation without both LayerNorm variants (an OOM, or a CPU run) records nothing
+    assert B.ln_backend_rows([r for r in fake_overhead_rows(0.02, 0.03) if r["variant"] != "ln triton"],
+                             "NVIDIA H200", "abc1234", "2026-12-02") == []
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda t: t.replace("15.0,30.0,torch", "15.0,30.0,triton"), r"row 1: faster='triton' but torch_ms=15.0"),
+    (lambda t: t + "NVIDIA H200,True,256,16,1024,1.0,2.0,torch,2026-12-02,abc1234,again\n", r"row 6: a second row"),
+    (lambda t: t.replace("True,256", "yes,256"), r"row 1: compile='yes' is not True or False"),
+    (lambda t: t.replace(",256,16,", ",0,16,"), r"row 1: n_embd=0 is not a positive integer"),
+    (lambda t: t.replace(",command", ",cmd"), r"columns"),
+])
+def test_a_malformed_table_is_refused(edit, message, tmp_path):
+    import gnsrepro.kernels.ln_backend as L
+
+    path = tmp_path / "ln_backend.csv"
+    path.write_text(edit(SYNTHETIC_TABLE))
+    with pytest.raises(ValueError, match=message):
+        L.read_table(path)
+
+
+def test_the_committed_table_loads_and_every_row_is_well_formed():
+    import math
+    import re
+    from datetime import date
+
+    from omegaconf import OmegaConf
+
+    import gnsrepro.kernels.ln_backend as L
+
+    widths = {OmegaConf.load(path).n_embd for path in (Path(conf_dir()) / "model").glob("*.yaml")}
+    df = L.read_table()  # check_table: columns, types, faster consistent, one row per situation
+    assert list(df.columns) == list(L.TABLE_COLUMNS) and len(df) >= 4
+    for row in df.to_dict("records"):
+        assert isinstance(row["compile"], bool) and row["device"].startswith("NVIDIA ")
+        assert re.fullmatch(r"[A-Z]+\d+[A-Z]*", L.gpu_model(row["device"])), row["device"]  # a GPU model is named
+        assert row["n_embd"] in widths  # a width of conf/model
+        assert row["faster"] == ("torch" if row["torch_ms"] <= row["triton_ms"] else "triton")
+        assert math.isfinite(row["torch_ms"]) and row["torch_ms"] > 0 and row["triton_ms"] > 0
+        date.fromisoformat(row["date"])
+        assert row["commit"] and row["command"]
+    # the measurements of issue #19 on an H200: compiled at 20M the Triton path's host cost doubles the step
+    # (torch), eager at 111M the fused kernel wins (triton)
+    assert L.choose_ln_backend("NVIDIA H200", True, 256, 16)[0] == "torch"
+    assert L.choose_ln_backend("NVIDIA H100 80GB HBM3", False, 768, 16)[0] == "triton"

@@ -303,8 +303,10 @@ def _write_meta(directory: Path, **fields) -> None:
     """A meta.json (no token files) as prepare writes it; the settings check reads nothing else."""
     meta = {"name": directory.name, "source": {"name": directory.name, "path": None}, "val_fraction": 0.005,
             "splits": {}, "dtype": "uint16", "tokenizer": {"name": "gpt2", "eot": 50256}}
+    if directory.name == "pycode":
+        meta["source"]["rule"] = prep.PYCODE_RULE
     for key, value in fields.items():
-        if key in ("path", "max_bytes", "hf_dataset"):
+        if key in ("path", "max_bytes", "hf_dataset", "rule"):
             meta["source"][key] = value
         else:
             meta[key] = value
@@ -465,3 +467,22 @@ def test_read_batch_shift_and_split_invariance(tmp_path):
 def test_open_split_missing(tmp_path):
     with pytest.raises(DataError, match=r"val\.bin is missing"):
         open_split(tmp_path, "val")
+
+
+def test_a_pycode_set_made_by_an_earlier_file_rule_is_refused(tmp_path):
+    _write_meta(tmp_path / "pycode", max_bytes=1000, rule=None)
+    with pytest.raises(DataError, match="the pycode file rule of this version"):
+        prep.check_prepared_settings(DataConfig(name="pycode", data_dir=str(tmp_path), max_bytes=1000))
+
+
+def test_pycode_leaves_out_the_interpreters_own_site_packages(tmp_path):
+    """The stdlib root's site-packages holds what that machine installed: not part of the corpus."""
+    stdlib, env = tmp_path / "lib" / "python3.11", tmp_path / "venv" / "site-packages"
+    for path, text in [(stdlib / "os.py", "a = 1\n"), (stdlib / "site-packages" / "moto" / "x.py", "b = 2\n"),
+                       (stdlib / "dist-packages" / "y.py", "c = 3\n"), (stdlib / "json" / "z.py", "d = 4\n"),
+                       (env / "numpy" / "w.py", "e = 5\n"), (env / "__editable___gnsrepro_0_1_0_finder.py", "f = 6\n")]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    skip = {stdlib / "site-packages", stdlib / "dist-packages"}
+    assert list(prep._pycode_iter([stdlib, env], 10_000, skip=skip)) == ["a = 1\n", "d = 4\n", "e = 5\n"]
+    assert len(list(prep._pycode_iter([stdlib, env], 10_000))) == 5  # without skip: all but the editable finder

@@ -155,7 +155,8 @@ def test_prepare_command_and_verify_name_the_limit(tmp_path, monkeypatch):
 # ---- settings -------------------------------------------------------------------------------------
 def _write_meta(directory: Path, **fields) -> None:
     """A pycode meta.json (no token files): the settings check reads nothing else."""
-    meta = {"name": "pycode", "source": {"name": "pycode", "path": None, "max_bytes": 64_000_000},
+    meta = {"name": "pycode", "source": {"name": "pycode", "path": None, "max_bytes": 64_000_000,
+                                         "rule": prep.PYCODE_RULE},
             "val_fraction": 0.005, "splits": {}, "dtype": "uint16", "tokenizer": {"name": "gpt2", "eot": EOT},
             **fields}
     directory.mkdir(parents=True)

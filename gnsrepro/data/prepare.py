@@ -71,13 +71,14 @@ def dataset_dir(cfg: DataConfig) -> Path:
 # ---------------------------------------------------------------------------------------------- sources
 
 
-def _walk_sorted(root: Path) -> Iterator[Path]:
+def _walk_sorted(root: Path, skip: set[Path] = frozenset()) -> Iterator[Path]:
     """Files under root in a fixed order: each directory's files by name, then its subdirectories by name.
 
-    Hidden files and directories (.git, .venv, ...) are skipped; symlinked directories are not followed.
+    Hidden files and directories (.git, .venv, ...) and the directories in skip are skipped; symlinked
+    directories are not followed.
     """
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and Path(dirpath) / d not in skip)
         for name in sorted(filenames):
             if not name.startswith("."):
                 yield Path(dirpath) / name
@@ -92,26 +93,37 @@ def _read_utf8(path: Path) -> str | None:
     return None if "\x00" in text else text
 
 
+# how pycode_documents picks its files (recorded in meta.json: a set made by another rule is rebuilt)
+PYCODE_RULE = ("the Python version's standard library without the interpreter's own site-packages, then the "
+               "environment's site-packages (sysconfig purelib, platlib) without editable-install finders, each "
+               "walked in sorted order")
+
+
 def pycode_documents(max_bytes: int) -> Iterator[str]:
-    """The Python source files of the running interpreter: stdlib, then site-packages.
+    """The Python source files of the running interpreter: its standard library, then the environment's packages.
 
     Yields the longest prefix of that file list (sysconfig's 'stdlib', 'purelib', 'platlib', each walked in
     sorted order, duplicates by resolved path removed, unreadable or non-UTF-8 files skipped) whose UTF-8
-    size fits in max_bytes. Present on every machine, so it needs no download.
+    size fits in max_bytes. Present on every machine, so it needs no download. The base interpreter's own
+    site-packages (and dist-packages), which sit inside 'stdlib' and hold whatever that machine installed
+    there, are left out: the corpus is then set by the Python version and the environment's packages (for
+    `make` the pinned requirements.lock), the same on every machine that builds the same environment.
     """
     if max_bytes <= 0:
         raise DataError(f"data.max_bytes must be positive, got {max_bytes}")
     paths = sysconfig.get_paths()
     roots = [Path(paths[key]) for key in ("stdlib", "purelib", "platlib")]
-    return _pycode_iter([root for root in roots if root.is_dir()], max_bytes)
+    return _pycode_iter([root for root in roots if root.is_dir()], max_bytes,
+                        skip={Path(paths["stdlib"]) / name for name in ("site-packages", "dist-packages")})
 
 
-def _pycode_iter(roots: list[Path], max_bytes: int) -> Iterator[str]:
+def _pycode_iter(roots: list[Path], max_bytes: int, skip: set[Path] = frozenset()) -> Iterator[str]:
     seen: set[Path] = set()
     total = 0
     for root in roots:
-        for path in _walk_sorted(root):
-            if path.suffix != ".py":
+        for path in _walk_sorted(root, skip):
+            # pip's editable-install finders (__editable___<project>_finder.py) hold the checkout's absolute path
+            if path.suffix != ".py" or path.name.startswith("__editable__"):
                 continue
             resolved = path.resolve()
             if resolved in seen:
@@ -196,7 +208,8 @@ def _source(cfg: DataConfig) -> tuple[dict, Iterator[str]]:
     _check_name(cfg)
     path = None if cfg.path is None else str(Path(cfg.path).expanduser().resolve())
     if cfg.name == "pycode":
-        return {"name": "pycode", "path": None, "max_bytes": cfg.max_bytes}, pycode_documents(cfg.max_bytes)
+        return ({"name": "pycode", "path": None, "max_bytes": cfg.max_bytes, "rule": PYCODE_RULE},
+                pycode_documents(cfg.max_bytes))
     if cfg.name == "textdir":
         if path is None:
             raise DataError("data=textdir needs data.path=DIR (a directory of text files)")
@@ -756,6 +769,9 @@ def _differing_settings(cfg: DataConfig, meta: dict) -> list[str]:
     if cfg.name == "openwebtext" and not cfg.path and source.get("path"):
         asked.pop("data.hf_dataset")
     differing = [f"data={cfg.name} (prepared: {meta.get('name')})"] if meta.get("name") != cfg.name else []
+    if cfg.name == "pycode" and meta.get("name") == "pycode" and source.get("rule") != PYCODE_RULE:
+        differing.append("the pycode file rule of this version (prepared: an earlier one, which also read the "
+                         "interpreter's own site-packages)")
     differing += [f"{key}={_override(value)} (prepared: {_override(prepared[key])})" for key, value in asked.items()
                   if prepared.get(key) != value]
     tokenizer = {"name": TOKENIZER_NAME, "eot": EOT}

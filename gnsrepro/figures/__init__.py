@@ -20,6 +20,7 @@ from gnsrepro.errors import ConfigError
 from gnsrepro.figures.correlation import correlation
 from gnsrepro.figures.cost import cost
 from gnsrepro.figures.ddp import ddp
+from gnsrepro.figures.flashattn import flashattn
 from gnsrepro.figures.lnbench import DEFAULT_TABLE, lnbench
 from gnsrepro.figures.lrsweep import lrsweep
 from gnsrepro.figures.phase import phase
@@ -34,6 +35,7 @@ INPUTS = {
     "bench_table": f"a `gnsrepro bench layernorm` parquet: table=PATH (default {DEFAULT_TABLE})",
     "model": "no run: computed from model=NAME [seq_len=T batch_size=B bytes_per_element=b]",
     "variance_run": "a run directory holding variance.parquet (gnsrepro variance run=DIR): run=DIR",
+    "flashattn_run": "the out_dir of `gnsrepro flashattn` (flashattn.parquet, config.yaml): run=DIR",
 }
 
 
@@ -62,6 +64,8 @@ FIGURES: dict[str, FigureSpec] = {
                       "1.3B 8-GPU check, p. 21)", "gns_run"),
     "variance": FigureSpec(variance, "standard error of the GNS estimate against B_small and B_big, from real "
                            "per-example gradients (section 2.1)", "variance_run"),
+    "flashattn": FigureSpec(flashattn, "loss and the students' parameter distance against step, fused against plain "
+                            "attention, teacher/student (p. 18)", "flashattn_run"),
 }
 
 
@@ -96,6 +100,10 @@ def check_inputs(figure: str, runs: list[str], table: str | None) -> list:
     if figure not in FIGURES:
         raise ConfigError(f"figure={figure} is not a figure; accepted: {', '.join(FIGURES)}")
     kind = FIGURES[figure].inputs
+    if kind == "flashattn_run":
+        from gnsrepro.figures.flashattn import check_input
+
+        return [check_input(figure, runs, table)]
     if kind in ("gns_run", "runs", "variance_run"):
         if table is not None:
             raise ConfigError(f"figure={figure} reads run directories, not table={table} (table= is for "

@@ -1,0 +1,174 @@
+"""`gns.ln_backend=auto`: the LayerNorm backend measured faster in the recorded situation nearest this one.
+
+The per-example LayerNorm norms (the paper's Sec. 3, p. 4: the LayerNorm weight and bias gradients of each
+example, their squared norms summed over the sequence) have two implementations. `torch` is F.layer_norm with
+the per-example sums in a few PyTorch ops (gnsrepro.pegn), which torch.compile fuses into inductor's own
+kernels; `triton` is one fused Triton kernel forward and backward, residual add included
+(gnsrepro.kernels.layer_norm), opaque to inductor and with the host cost of a custom autograd Function. Which
+is faster depends on the situation: compiled at 111M (d = 768) the two are within 1% of gns=off; compiled at
+20M (d = 256) the Triton path's fixed host cost doubles a 15 ms step; in eager mode the PyTorch path's unfused
+ops cost 21% at 111M where the fused kernel makes the step 8% faster than gns=off. No rule of thumb predicts
+this, so auto reads the choice from measurements: ln_backend.csv beside this module, one row per situation,
+written by `gnsrepro bench overhead ... record=true` from its "ln torch" and "ln triton" variants (median step
+times of the whole training step, the variants interleaved; gnsrepro.benchmarks.train).
+
+Columns of ln_backend.csv (TABLE_COLUMNS):
+  device            torch.cuda.get_device_name() of the GPU measured on, e.g. "NVIDIA H200"
+  compile           whether the step was torch.compile'd (True / False)
+  n_embd            the model's width d
+  micro_batch_size  sequences per forward/backward
+  seq_len           tokens per sequence
+  torch_ms          median step time with gns=ln, gns.ln_backend=torch, in milliseconds
+  triton_ms         the same with gns.ln_backend=triton
+  faster            "torch" or "triton": the smaller of the two (torch on a tie: no custom kernel)
+  date              the day of the measurement (ISO 8601)
+  commit            the code's git commit (short), "-dirty" appended when tracked files differed; "unknown"
+  command           the command that measured it
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+LN_BACKEND_TABLE = Path(__file__).with_name("ln_backend.csv")
+TABLE_COLUMNS = ("device", "compile", "n_embd", "micro_batch_size", "seq_len", "torch_ms", "triton_ms", "faster",
+                 "date", "commit", "command")
+SITUATION_KEY = ("device", "compile", "n_embd", "micro_batch_size", "seq_len")  # one row per situation
+# GPU models whose measurements stand in for each other when the exact model has no row: the same chip
+# generation (compute capability 9.0, Hopper); H200 is H100's die with more and faster HBM
+GPU_FAMILIES = {"H100": "sm90", "H200": "sm90", "H800": "sm90", "H20": "sm90", "GH200": "sm90"}
+DEFAULT_CUDA_BACKEND = "triton"  # where nothing is recorded for the GPU's family (the behaviour before the table)
+
+
+def gpu_model(device_name: str) -> str:
+    """The GPU model in a device name: "NVIDIA H100 80GB HBM3" -> "H100", "NVIDIA A100-SXM4-80GB" -> "A100";
+    a name without such a token (letters then digits) is its own model."""
+    token = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", device_name.upper())
+    return token.group(1) if token else device_name.strip().upper()
+
+
+def gpu_family(device_name: str) -> str:
+    model = gpu_model(device_name)
+    return GPU_FAMILIES.get(model, model)
+
+
+def read_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """ln_backend.csv (LN_BACKEND_TABLE unless path is given) as a DataFrame of TABLE_COLUMNS; an empty one when
+    the file does not exist. Raises ValueError for a malformed table (check_table)."""
+    path = Path(LN_BACKEND_TABLE if path is None else path)
+    if not path.exists():
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in TABLE_COLUMNS})
+    df = pd.read_csv(path, dtype={"device": str, "faster": str, "date": str, "commit": str, "command": str},
+                     keep_default_na=False)
+    check_table(df, str(path))
+    return df
+
+
+def _positive_int(value) -> bool:
+    try:
+        return float(value).is_integer() and int(float(value)) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _positive_number(value) -> bool:
+    try:
+        return math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def check_table(df: pd.DataFrame, where: str = "ln_backend table") -> None:
+    """Raise ValueError naming the first problem of a table: its columns, a compile flag that is not a boolean,
+    a width, micro-batch or context that is not a positive integer, a time that is not a positive number, a
+    `faster` that is not the backend with the smaller time, an empty device, date or command, or two rows for
+    one situation (SITUATION_KEY)."""
+    if tuple(df.columns) != TABLE_COLUMNS:
+        raise ValueError(f"{where}: columns {list(df.columns)}; expected {list(TABLE_COLUMNS)}")
+    for i, row in enumerate(df.to_dict("records"), start=1):
+        line = f"{where} row {i}"
+        if str(row["compile"]) not in ("True", "False"):
+            raise ValueError(f"{line}: compile={row['compile']!r} is not True or False")
+        for key in ("n_embd", "micro_batch_size", "seq_len"):
+            if not _positive_int(row[key]):
+                raise ValueError(f"{line}: {key}={row[key]!r} is not a positive integer")
+        if not (_positive_number(row["torch_ms"]) and _positive_number(row["triton_ms"])):
+            raise ValueError(f"{line}: torch_ms={row['torch_ms']!r}, triton_ms={row['triton_ms']!r} must be "
+                             "positive numbers")
+        if row["faster"] != faster_backend(float(row["torch_ms"]), float(row["triton_ms"])):
+            raise ValueError(f"{line}: faster={row['faster']!r} but torch_ms={row['torch_ms']} and "
+                             f"triton_ms={row['triton_ms']}")
+        for key in ("device", "date", "command"):
+            if not str(row[key]).strip():
+                raise ValueError(f"{line}: {key} is empty")
+    situations = df[list(SITUATION_KEY)].astype(str)
+    duplicated = situations.duplicated()
+    if duplicated.any():
+        raise ValueError(f"{where} row {int(duplicated.to_numpy().argmax()) + 1}: a second row for the situation "
+                         f"{dict(situations[duplicated].iloc[0])}")
+
+
+def faster_backend(torch_ms: float, triton_ms: float) -> str:
+    return "torch" if torch_ms <= triton_ms else "triton"
+
+
+def choose_ln_backend(device_name: str, compile: bool, n_embd: int | None, micro_batch_size: int | None,
+                      table: str | os.PathLike | pd.DataFrame | None = None) -> tuple[str, str]:
+    """(backend, why) for a CUDA GPU: the `faster` of the nearest recorded situation.
+
+    Rows of the same compile mode only; of those, the rows of this device name, else of its GPU model
+    (gpu_model: "NVIDIA H100 PCIe" and "NVIDIA H100 80GB HBM3" are both H100), else of its family (GPU_FAMILIES:
+    H100 and H200 are one, sm90); of those, the nearest n_embd on a log scale (|log(d/d_row)|), then the nearest
+    micro-batch on a log scale, then the latest date, then the row last in the table. No row for the family in
+    this compile mode: DEFAULT_CUDA_BACKEND (triton, the choice before measurements were recorded).
+    """
+    df = table if isinstance(table, pd.DataFrame) else read_table(table)
+    same_mode = df[df["compile"].astype(str) == str(bool(compile))]
+    model, family = gpu_model(device_name), gpu_family(device_name)
+    for matches in (same_mode["device"].str.strip() == device_name.strip(),
+                    same_mode["device"].map(gpu_model) == model, same_mode["device"].map(gpu_family) == family):
+        rows = same_mode[matches]
+        if not rows.empty:
+            break
+    mode = "compiled" if compile else "eager"
+    if rows.empty:
+        return DEFAULT_CUDA_BACKEND, (f"no {mode} measurement for {device_name} ({family}) in ln_backend.csv: "
+                                      f"{DEFAULT_CUDA_BACKEND}")
+
+    def log_distance(column: str, value: int | None):
+        if value is None:
+            return pd.Series(0.0, index=rows.index)
+        return (rows[column].astype(float) / float(value)).map(math.log).abs()
+
+    for column, value in (("n_embd", n_embd), ("micro_batch_size", micro_batch_size)):
+        distance = log_distance(column, value)
+        rows = rows[distance <= distance.min() + 1e-12]
+    row = rows.sort_values("date", kind="stable").iloc[-1]
+    return str(row["faster"]), (f"{mode} measurement on {row['device']} at n_embd {row['n_embd']}, micro-batch "
+                                f"{row['micro_batch_size']}, seq_len {row['seq_len']} ({row['date']}): torch "
+                                f"{float(row['torch_ms']):.1f} ms, triton {float(row['triton_ms']):.1f} ms")
+
+
+def record_ln_backend(rows: list[dict], path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Write rows (dicts of TABLE_COLUMNS) into ln_backend.csv, each replacing the row of its situation
+    (SITUATION_KEY) if there is one; the table sorted by situation, written atomically. Returns the table."""
+    path = Path(LN_BACKEND_TABLE if path is None else path)
+    old = read_table(path)
+    new = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    check_table(new, "the rows to record")
+    key = list(SITUATION_KEY)
+    keys = lambda df: df[key].astype(str).agg("|".join, axis=1)  # noqa: E731 - compile True and "True" alike
+    kept = old[~keys(old).isin(set(keys(new)))] if len(old) else old
+    table = pd.concat([kept, new], ignore_index=True) if len(kept) else new
+    table["compile"] = table["compile"].astype(str) == "True"
+    table = table.sort_values(key, kind="stable", ignore_index=True)
+    check_table(table, str(path))
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return table
