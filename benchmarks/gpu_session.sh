@@ -2,7 +2,7 @@
 # The GPU work of a session in one script, for the device machine (torch 2.11 / triton 3.6, no registry).
 # Usage, from the project root, with .whl/ built by ../shared/device/wheelhouse.sh and carried along:
 #   bash benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose fixed variants sweepbwd sweep train overhead run111m small ddp
-#   schedule profile)
+#   schedule profile graphs overheads)
 # Prints each command before running it; logs and parquet land in $OUT (or outputs/gpu-session).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -49,6 +49,12 @@ print(d[d.step == d.step.max()].to_string(index=False))" ;;
                run python3 -m gnsrepro plot figure=schedule "run=[$(ls -d outputs/schedule/small/*-seed* | paste -sd,)]" \
                  out=$OUT/schedule
                tar czf "$OUT/schedule_runs.tar.gz" --exclude=ckpt.pt outputs/schedule/small ;;
+    graphs)    run python3 -m pytest -q -m gpu tests/test_cuda_graphs.py tests/test_cross_entropy.py ;;
+    overheads) # the overhead table over models and micro-batches, interleaved per situation (MODELS=20M,111M MICROS=8,16,64
+               # GRAPHS=true|false); record=true writes the LayerNorm backend rows auto reads
+               run python3 -m gnsrepro bench overhead "models=[${MODELS:-20M}]" "micro_batch_sizes=[${MICROS:-16,64}]" \
+                 cuda_graphs=${GRAPHS:-true} steps=${STEPS:-30} rounds=3 warmup=3 record=true out=$OUT/overheads.parquet
+               cp gnsrepro/kernels/ln_backend.csv "$OUT/ln_backend.csv" ;;
     profile)   # where a compiled step's time goes (SITUATIONS=MODEL:SEQ:MICRO:VARIANT,...)
                run python3 -m benchmarks.profile_step ${SITUATIONS:+--situations $SITUATIONS} ${EAGER:+--eager} \
                  --out $OUT/profile.csv ;;

@@ -32,12 +32,17 @@ average over 40 seeds, with a standard deviation of 0.5 percentage points from s
 Where a level falls between two logged points, tokens, steps and wall time are linearly interpolated
 between them. Wall time is the cumulative sum of step_time_s (time spent training, not evaluating
 or restarting).
+
+A comparison may sweep the fixed batch (issue #18: a saving against a fixed batch far above the early
+critical batch is inflated): `schedule_arm` names each run's arm (one per fixed batch size when there are
+several), `reference_fixed_arm` the fixed arm the savings are against, and `fixed_batch_losses` each fixed
+batch's final loss at the sweep's common token budget, so a schedule can be compared with the best of them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import mpmath
@@ -258,6 +263,107 @@ def student_t_sf(t: float, dof: float) -> float:
     x = dof / (dof + t * t)
     upper = 0.5 * float(mpmath.betainc(dof / 2.0, 0.5, 0.0, x, regularized=True))
     return upper if t >= 0 else 1.0 - upper
+
+
+# ---- the fixed-batch arms of a schedule comparison ---------------------------------------------------------
+# A saving against one fixed batch measures how far that batch is above the critical batch early in training as
+# much as it measures the schedule (docs/schedules.md, "A fair baseline"): the paper's 18% is against the 111M
+# recipe's 120 sequences (p. 9), which it did not sweep. These functions let a comparison hold several fixed
+# batches, name the one the savings are measured against, and find the best of them.
+FIXED_SCHEDULE = "constant"  # schedule.name of a fixed-batch run
+
+
+def _schedule_of(config: Mapping) -> tuple[str, int]:
+    """(schedule.name, schedule.batch_size) of a run's config.yaml as a dict."""
+    schedule = config.get("schedule", {}) or {}
+    return str(schedule.get("name", "?")), int(schedule.get("batch_size", 0))
+
+
+def schedule_arm(config: Mapping, all_configs: Iterable[Mapping]) -> str:
+    """The arm a run belongs to in a comparison of the runs whose config.yaml dicts are `all_configs`.
+
+    linear and gns runs: their schedule.name. Fixed-batch runs (schedule.name=constant): "constant" when every
+    fixed-batch run of all_configs (and this one) has one schedule.batch_size, the arm of a comparison that
+    did not sweep it; else "constant-b<B>", one arm per batch size B. Seeds are not part of the arm.
+    """
+    name, batch = _schedule_of(config)
+    if name != FIXED_SCHEDULE:
+        return name
+    batches = {b for n, b in map(_schedule_of, [*all_configs, config]) if n == FIXED_SCHEDULE}
+    return FIXED_SCHEDULE if len(batches) == 1 else f"{FIXED_SCHEDULE}-b{batch}"
+
+
+def fixed_arm_batches(configs: Iterable[Mapping]) -> dict[str, int]:
+    """{arm: schedule.batch_size} of the fixed-batch arms among the runs of `configs` (arms by
+    `schedule_arm`), in increasing batch size."""
+    configs = list(configs)
+    batches = {schedule_arm(c, configs): _schedule_of(c)[1] for c in configs if _schedule_of(c)[0] == FIXED_SCHEDULE}
+    return dict(sorted(batches.items(), key=lambda item: item[1]))
+
+
+def reference_fixed_arm(configs: Iterable[Mapping], reference: int | None = None) -> str | None:
+    """The fixed-batch arm the schedules' savings are measured against; None without a fixed-batch run.
+
+    reference: its batch size (sequences). By default, the fixed arm whose batch equals the largest
+    schedule.batch_size of the other (linear, gns) runs, which is the paper's comparison: a ramp up to the fixed
+    batch against that batch (p. 9); without one, the largest fixed batch. ConfigError when `reference` is not the
+    batch of a fixed-batch run.
+    """
+    configs = list(configs)
+    fixed = fixed_arm_batches(configs)
+    if reference is not None:
+        if isinstance(reference, bool) or not isinstance(reference, int):
+            raise ConfigError(f"reference={reference!r} must be a batch size (an integer number of sequences)")
+        arm = next((a for a, b in fixed.items() if b == reference), None)
+        if arm is None:
+            accepted = ", ".join(map(str, fixed.values())) or "none: no run has schedule.name=constant"
+            raise ConfigError(f"reference={reference} is not the batch size of a fixed-batch run; accepted: {accepted}")
+        return arm
+    if not fixed:
+        return None
+    others = [b for n, b in map(_schedule_of, configs) if n != FIXED_SCHEDULE]
+    largest_other = max(others, default=None)
+    return next((a for a, b in fixed.items() if b == largest_other), next(reversed(fixed)))
+
+
+def fixed_batch_losses(fixed_runs: Mapping[int, Mapping], window: int | None = None) -> pd.DataFrame:
+    """The final smoothed loss of each batch size of a swept fixed batch at the sweep's common token budget.
+
+    fixed_runs: batch size -> {seed: metrics frame}; the batch sizes may have different seeds (each is
+    averaged over the seeds it has). window: the `loss_curve` smoothing of every run, by default
+    `smoothing_window` of them all. The common budget is the fewest tokens at which any run's smoothed curve
+    ends (the curves are trimmed by the window's reach, and a larger batch's window spans more tokens), so
+    every batch is read at the same tokens; each run's loss there is its monotone curve (the loss it had
+    reached) linearly interpolated at the budget.
+    Returns one row per batch size (index batch_size, increasing): seeds (a list), n_seeds, final_loss (the
+    mean over its seeds), final_loss_std (ddof=1; NaN for one seed), budget_tokens, and best (True for the
+    lowest final_loss: the batch a fair fixed baseline uses).
+    """
+    if not fixed_runs or not all(fixed_runs.values()):
+        raise ConfigError("fixed_runs must map each batch size to at least one seed's metrics")
+    metrics = [m for seeds in fixed_runs.values() for m in seeds.values()]
+    window = smoothing_window(*metrics) if window is None else window
+    curves = {(int(batch), seed): loss_curve(run, window, name=f"fixed batch {batch} seed {seed}")
+              for batch, seeds in fixed_runs.items() for seed, run in seeds.items()}
+    budget = min(float(c["tokens"].iloc[-1]) for c in curves.values())
+    rows = {}
+    for batch in sorted({b for b, _ in curves}):
+        seeds = sorted((s for b, s in curves if b == batch), key=str)
+        losses = []
+        for seed in seeds:
+            curve = curves[(batch, seed)]
+            if curve["tokens"].iloc[0] > budget:
+                raise ConfigError(f"fixed batch {batch} seed {seed}'s smoothed loss starts at "
+                                  f"{curve['tokens'].iloc[0]:.0f} tokens, after the sweep's common budget "
+                                  f"{budget:.0f}: the runs' token ranges do not overlap")
+            losses.append(float(np.interp(budget, curve["tokens"], curve["loss_monotone"])))
+        rows[batch] = {"seeds": seeds, "n_seeds": len(seeds), "final_loss": float(np.mean(losses)),
+                       "final_loss_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else math.nan,
+                       "budget_tokens": budget}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "batch_size"
+    table["best"] = table.index == table["final_loss"].idxmin()
+    return table
 
 
 def _check_window(window) -> None:

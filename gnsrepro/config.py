@@ -254,6 +254,7 @@ class PlotConfig:
     seq_len: Optional[int] = None  # figure=cost: Table 1's sequence length; default model.block_size
     batch_size: int = 1  # figure=cost
     bytes_per_element: int = 2  # figure=cost
+    reference: Optional[int] = None  # figure=schedule: the fixed batch (sequences) the savings are against
 
 
 @dataclass

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from gnsrepro.errors import ConfigError
+
 ALPHAS = (0.9, 0.95, 0.99, 0.995, 0.999)
 # what the paper reports for each headline (arXiv 2411.00999; the authors' notebook for the last two digits)
 PAPER = {
@@ -24,6 +26,7 @@ PAPER = {
                    "at 111M LayerNorm ends near half the total (about 100 against 215: slope about 2.2)",
     "schedule": "18% less training time at the fixed batch's final loss (abstract); the authors' notebook's "
                 "tokens difference ends near 11-13% of the tokens",
+    "schedule_sweep": "one fixed batch, the 111M recipe's 120 sequences (p. 9)",
     "kernel": "as fast as PyTorch's LayerNorm at hidden sizes 768, 2048, 4096 (ratio <= 1)",
     "cost": "simultaneous per-example norms cost fewer FLOPs than Li et al.'s once the sequence is long",
     "overhead": "LayerNorm-only tracking costs no throughput",
@@ -52,31 +55,76 @@ def correlation_numbers(run_dir: str | os.PathLike) -> dict:
             "detrended_r": float(at.detrended_r), "steps": int(at.n_steps)}
 
 
-def schedule_numbers(runs_dir: str | os.PathLike) -> dict:
-    """Claim 4 from the schedule arms' run directories: each arm against the fixed one, paired by seed."""
+def _seed_savings(reference: dict, other: dict, seeds: list) -> dict:
+    """The savings of `other` against `reference` over `seeds` (both arms: {seed: metrics}), as REPORT.md shows
+    them: {tokens_saved, steps_saved, time_saved: (mean %, std %), p: the paired test's, seeds: how many}."""
     from gnsrepro.analysis import smoothing_window, tokens_saved_over_seeds
+
+    window = smoothing_window(*(reference[s] for s in seeds), *(other[s] for s in seeds))
+    summary = tokens_saved_over_seeds({s: reference[s] for s in seeds}, {s: other[s] for s in seeds},
+                                      window=window).summary
+    out = {key: (float(summary.loc[f"{key}_pct", "mean"]), float(summary.loc[f"{key}_pct", "std"]))
+           for key in ("tokens_saved", "steps_saved", "time_saved")}
+    out["p"] = float(summary.loc["tokens_saved_pct", "p_value"])
+    out["seeds"] = len(seeds)
+    return out
+
+
+def schedule_numbers(runs_dir: str | os.PathLike, reference: int | None = None) -> dict:
+    """Claim 4 from the schedule arms' run directories (`<runs_dir>/*-seed*`): each arm against a fixed one, paired
+    by seed.
+
+    'linear', 'gns': {tokens_saved, steps_saved, time_saved: (mean, std) in %, p, seeds} against the reference
+    fixed arm (`reference`: its batch size; by default `gnsrepro.analysis.reference_fixed_arm`'s, the fixed batch
+    equal to the schedules' largest). 'fixed_sweep': {swept, reference (its batch), and when swept: batches
+    ({batch: {final_loss, seeds}} at the common token budget, `gnsrepro.analysis.fixed_batch_losses`),
+    budget_tokens, best (the batch of the lowest mean final loss), note (the batches' seeds when they differ); or
+    error, why those losses could not be computed}.
+    When the fixed batch was swept, 'linear_vs_best' and 'gns_vs_best' (as 'linear', with 'batch': the best's) are
+    the savings against the best fixed batch over the seeds both have.
+    """
+    from gnsrepro.analysis import fixed_arm_batches, fixed_batch_losses, reference_fixed_arm, schedule_arm
     from gnsrepro.runs import load_run
 
+    runs = [load_run(path, need_gns=False) for path in sorted(glob.glob(str(Path(runs_dir) / "*-seed*")))
+            if (Path(path) / "metrics.parquet").exists()]
+    configs = [run.config for run in runs]
+    reference_arm = reference_fixed_arm(configs, reference)
     arms: dict[str, dict] = {}
-    for path in sorted(glob.glob(str(Path(runs_dir) / "*-seed*"))):
-        if not (Path(path) / "metrics.parquet").exists():
-            continue
-        run = load_run(path, need_gns=False)
-        arms.setdefault(run.config["schedule"]["name"], {})[run.config["seed"]] = run.metrics
+    for run in runs:
+        arms.setdefault(schedule_arm(run.config, configs), {})[run.config["seed"]] = run.metrics
+    fixed = fixed_arm_batches(configs)
     out = {}
     for arm in ("linear", "gns"):
-        if "constant" not in arms or arm not in arms:
+        if reference_arm is None or arm not in arms:
             continue
-        seeds = sorted(set(arms["constant"]) & set(arms[arm]))
-        if not seeds:
-            continue
-        window = smoothing_window(*(arms["constant"][s] for s in seeds), *(arms[arm][s] for s in seeds))
-        summary = tokens_saved_over_seeds({s: arms["constant"][s] for s in seeds},
-                                          {s: arms[arm][s] for s in seeds}, window=window).summary
-        out[arm] = {key: (float(summary.loc[f"{key}_pct", "mean"]), float(summary.loc[f"{key}_pct", "std"]))
-                    for key in ("tokens_saved", "steps_saved", "time_saved")}
-        out[arm]["p"] = float(summary.loc["tokens_saved_pct", "p_value"])
-        out[arm]["seeds"] = len(seeds)
+        seeds = sorted(set(arms[reference_arm]) & set(arms[arm]))
+        if seeds:
+            out[arm] = _seed_savings(arms[reference_arm], arms[arm], seeds)
+    if reference_arm is None:
+        return out
+    sweep = {"swept": len(fixed) > 1, "reference": fixed[reference_arm]}
+    if sweep["swept"]:
+        try:
+            losses = fixed_batch_losses({batch: arms[arm] for arm, batch in fixed.items()})
+        except ConfigError as e:  # the savings against the reference stand without the sweep's losses
+            out["fixed_sweep"] = {**sweep, "error": str(e)}
+            return out
+        best = int(losses.index[losses["best"]][0])
+        sweep |= {"batches": {int(b): {"final_loss": float(row.final_loss), "seeds": list(row.seeds)}
+                              for b, row in losses.iterrows()},
+                  "budget_tokens": float(losses["budget_tokens"].iloc[0]), "best": best, "note": ""}
+        seed_sets = {b: tuple(v["seeds"]) for b, v in sweep["batches"].items()}
+        if len(set(seed_sets.values())) > 1:
+            sweep["note"] = ("the fixed batches have different seeds (" + "; ".join(
+                f"{b}: seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))}" for b, s in seed_sets.items())
+                + "): each batch's loss is the mean over the seeds it has")
+        best_arm = next(a for a, b in fixed.items() if b == best)
+        for arm in ("linear", "gns"):
+            seeds = sorted(set(arms[best_arm]) & set(arms.get(arm, {})))
+            if seeds:
+                out[f"{arm}_vs_best"] = {**_seed_savings(arms[best_arm], arms[arm], seeds), "batch": best}
+    out["fixed_sweep"] = sweep
     return out
 
 
@@ -119,13 +167,14 @@ def _try(fn, *args):
 
 # ---- the report -------------------------------------------------------------------------------------------
 def headline_numbers(plan) -> dict:
-    """Every headline of the plan's report, or why it is missing: {name: (value, why)}."""
+    """Every headline of the plan's report, or why it is missing: {name: (value, why)}. The plan's report may set
+    schedule_reference, the fixed batch the schedules' savings are against (default: `schedule_numbers`')."""
     r = plan.report
     numbers = {}
     if r.get("correlation_run"):
         numbers["correlation"] = _try(correlation_numbers, r.correlation_run)
     if r.get("schedule_runs"):
-        numbers["schedule"] = _try(schedule_numbers, r.schedule_runs)
+        numbers["schedule"] = _try(schedule_numbers, r.schedule_runs, r.get("schedule_reference"))
     if r.get("lnbench_table"):
         numbers["kernel"] = _try(kernel_numbers, r.lnbench_table)
     if r.get("cost_model"):
@@ -149,12 +198,8 @@ def _rows(numbers: dict) -> list[tuple[str, str, str]]:
     elif why:
         rows.append(("Claim 2: LayerNorm GNS against total GNS", f"not measured ({why})", PAPER["correlation"]))
     value, why = numbers.get("schedule", (None, None))
-    if value:
-        for arm, v in value.items():
-            rows.append((f"Claim 4: {arm} schedule against the fixed batch, at its final loss ({v['seeds']} seeds)",
-                         f"tokens {_fmt_pct(*v['tokens_saved'])} saved (p = {v['p']:.3g}); steps "
-                         f"{_fmt_pct(*v['steps_saved'])}; wall time {_fmt_pct(*v['time_saved'])}",
-                         PAPER["schedule"]))
+    if value and ("linear" in value or "gns" in value):
+        rows += _schedule_rows(value)
     elif why is not None or "schedule" in numbers:
         rows.append(("Claim 4: batch-size schedules", f"not measured ({why or 'no runs'})", PAPER["schedule"]))
     value, why = numbers.get("kernel", (None, None))
@@ -176,6 +221,43 @@ def _rows(numbers: dict) -> list[tuple[str, str, str]]:
                      PAPER["overhead"]))
     elif why:
         rows.append(("Step time against gns=off", f"not measured ({why})", PAPER["overhead"]))
+    return rows
+
+
+def _schedule_rows(value: dict) -> list[tuple[str, str, str]]:
+    """The rows of claim 4 from `schedule_numbers`: each schedule against the reference fixed batch and, when the
+    fixed batch was swept, against the best one, and what the fixed batches were."""
+    def savings(v: dict) -> str:
+        return (f"tokens {_fmt_pct(*v['tokens_saved'])} saved (p = {v['p']:.3g}); steps "
+                f"{_fmt_pct(*v['steps_saved'])}; wall time {_fmt_pct(*v['time_saved'])}")
+
+    sweep = value.get("fixed_sweep", {})
+    swept, reference = sweep.get("swept", False), sweep.get("reference")
+    rows = []
+    for arm in ("linear", "gns"):
+        if arm in value:
+            v = value[arm]
+            against = f"fixed batch {reference} (the reference)" if swept else "fixed batch"
+            rows.append((f"Claim 4: {arm} schedule against the {against}, at its final loss ({v['seeds']} seeds)",
+                         savings(v), PAPER["schedule"]))
+        if f"{arm}_vs_best" in value:
+            v = value[f"{arm}_vs_best"]
+            rows.append((f"Claim 4: {arm} schedule against the best fixed batch, {v['batch']}, at its final loss "
+                         f"({v['seeds']} seed{'s' if v['seeds'] > 1 else ''})", savings(v), PAPER["schedule_sweep"]))
+    if not sweep:
+        return rows
+    if not swept:
+        rows.append(("Claim 4: the fixed batch", f"{reference} sequences: the fixed batch was not swept",
+                     PAPER["schedule_sweep"]))
+    elif "error" in sweep:
+        rows.append(("Claim 4: the fixed batch, swept", f"not measured ({sweep['error']})", PAPER["schedule_sweep"]))
+    else:
+        losses = ", ".join(f"{b}: {v['final_loss']:.4f} ({len(v['seeds'])} seed{'s' if len(v['seeds']) > 1 else ''})"
+                           for b, v in sweep["batches"].items())
+        note = f"; {sweep['note']}" if sweep["note"] else ""
+        rows.append(("Claim 4: the fixed batch, swept (final smoothed training loss, mean over seeds)",
+                     f"at {sweep['budget_tokens']:,.0f} tokens, batch {losses}; best: {sweep['best']}, reference: "
+                     f"{reference}{note}", PAPER["schedule_sweep"]))
     return rows
 
 

@@ -50,36 +50,40 @@ def gpt_config(m: ModelConfig) -> GPTConfig:
 
 
 def ln_backend_choice(g: GNSConfig, device: torch.device, n_embd: int | None = None, compile: bool = False,
-                      micro_batch_size: int | None = None) -> tuple[str, str]:
+                      micro_batch_size: int | None = None, cuda_graphs: bool = False) -> tuple[str, str]:
     """(backend, why): gns.ln_backend as set, or for auto torch on a CPU and on CUDA the backend measured faster
     in the nearest recorded situation of gnsrepro/kernels/ln_backend.csv (same GPU, else its family such as
-    H100/H200; same compile mode; nearest n_embd, then micro-batch: kernels.ln_backend.choose_ln_backend);
-    triton, the choice before measurements were recorded, where the table has no row for the GPU's family."""
+    H100/H200; same compile mode; with CUDA graphs where the step is replayed from one, else without; nearest
+    n_embd, then micro-batch: kernels.ln_backend.choose_ln_backend); triton, the choice before measurements were
+    recorded, where the table has no row for the GPU's family."""
     if g.ln_backend != "auto":
         return g.ln_backend, f"gns.ln_backend={g.ln_backend}"
     if device.type != "cuda":
         return "torch", "auto: torch off CUDA (the Triton kernel runs on CUDA GPUs only)"
     from gnsrepro.kernels.ln_backend import choose_ln_backend
 
-    backend, why = choose_ln_backend(torch.cuda.get_device_name(device), compile, n_embd, micro_batch_size)
+    backend, why = choose_ln_backend(torch.cuda.get_device_name(device), compile, n_embd, micro_batch_size,
+                                     cuda_graphs=cuda_graphs)
     return backend, f"auto: {why}"
 
 
 def resolve_ln_backend(g: GNSConfig, device: torch.device, n_embd: int | None = None, compile: bool = False,
-                       micro_batch_size: int | None = None) -> str:
+                       micro_batch_size: int | None = None, cuda_graphs: bool = False) -> str:
     """The LayerNorm backend gns.ln_backend names, auto resolved by measurement (ln_backend_choice)."""
-    return ln_backend_choice(g, device, n_embd, compile, micro_batch_size)[0]
+    return ln_backend_choice(g, device, n_embd, compile, micro_batch_size, cuda_graphs)[0]
 
 
 def build_model(m: ModelConfig, g: GNSConfig, device: torch.device, compile: bool = False,
-                micro_batch_size: int | None = None):
-    """A GPT with the layers that gns.mode asks for, and the collector of their per-example norms; compile and
-    micro_batch_size pick gns.ln_backend=auto's backend (resolve_ln_backend)."""
+                micro_batch_size: int | None = None, cuda_graphs: bool = False):
+    """A GPT with the layers that gns.mode asks for, and the collector of their per-example norms; compile,
+    micro_batch_size and cuda_graphs (whether the step will be replayed from a CUDA graph) pick
+    gns.ln_backend=auto's backend (resolve_ln_backend)."""
     if g.mode == "off":
         return GPT(gpt_config(m), Layers()).to(device), None
     from gnsrepro.pegn import PerExampleNorms, instrumented_layers
 
-    backend = resolve_ln_backend(g, device, n_embd=m.n_embd, compile=compile, micro_batch_size=micro_batch_size)
+    backend = resolve_ln_backend(g, device, n_embd=m.n_embd, compile=compile, micro_batch_size=micro_batch_size,
+                                 cuda_graphs=cuda_graphs)
     layers = instrumented_layers(g.mode, method=g.method, ln_backend=backend, chunk_size=g.chunk_size)
     model = GPT(gpt_config(m), layers).to(device)
     return model, PerExampleNorms(model)
@@ -160,7 +164,7 @@ def build_step(model_cfg: ModelConfig, gns_cfg: GNSConfig, optim_cfg: OptimConfi
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    raw_model, collector = build_model(model_cfg, gns_cfg, device, compile, micro_batch_size)
+    raw_model, collector = build_model(model_cfg, gns_cfg, device, compile, micro_batch_size, cuda_graphs)
     optimizer = make_optimizer(raw_model, optim_cfg, device)
     model = torch.compile(raw_model) if compile else raw_model
     ddp = None
@@ -443,7 +447,8 @@ def _write_run_record(run: Run, dtype: torch.dtype) -> None:
     record = run_metadata(run.device, run.d.world_size)
     if cfg.gns.mode != "off":  # the LayerNorm backend build_model chose, and why (gns.ln_backend=auto: by measurement)
         record["ln_backend"], record["ln_backend_why"] = ln_backend_choice(
-            cfg.gns, run.device, cfg.model.n_embd, cfg.compile, cfg.schedule.micro_batch_size)
+            cfg.gns, run.device, cfg.model.n_embd, cfg.compile, cfg.schedule.micro_batch_size,
+            cuda_graphs=run.parts.graphed is not None)
     if step:
         record["changed_settings"] = {k: {"before": old, "after": new} for k, (old, new) in run.changed.items()}
     meta = "meta.json" if step == 0 else f"meta-resumed-at-{step}.json"  # the first start's is kept

@@ -91,3 +91,69 @@ def test_a_graphed_run_equals_the_eager_one(mode, backend, compile):
             f"{spread:.3g}"
     assert eager[0][0] > eager[0][-1] - 1.0  # it trains: losses near ln(1000) and falling, not NaN
     assert torch.isfinite(graphed[0]).all()
+
+
+@pytest.mark.gpu
+def test_a_training_run_with_cuda_graphs_matches_one_without_and_resumes(data_dir, tmp_path, monkeypatch):
+    """The whole loop: a linear batch ramp (several micro-batch layouts, hence several graphs), evaluation and
+    checkpoints between replays, and a resume from a checkpoint that re-captures on the loaded state: the losses,
+    batch sizes and GNS rows of the graphed runs follow the eager run's (to the eager run's own repeatability)."""
+    import pandas as pd
+    from hydra import compose, initialize_config_dir
+
+    from gnsrepro.cli import conf_dir
+    from gnsrepro.config import register_configs
+    from gnsrepro.train import train
+
+    def cfg(out, *extra):
+        register_configs()
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return compose("train", overrides=[
+                "model=tiny", "data=pycode", f"data.data_dir={data_dir}", "data.max_bytes=1500000", f"out_dir={out}",
+                "seq_len=64", "gns=ln", "schedule=linear", "schedule.batch_size=16", "schedule.micro_batch_size=4",
+                "schedule.start=4", "optim.lr=2e-3", "eval_interval=6", "eval_batches=2",
+                "log_interval=3", "checkpoint_interval=6", "compile=true", "device=cuda", *extra])
+
+    runs = {}
+    for name, extra in [("eager", ["cuda_graphs=false"]), ("again", ["cuda_graphs=false"]),
+                        ("graphed", ["cuda_graphs=true"])]:
+        train(cfg(tmp_path / name, "max_steps=18", *extra))
+        runs[name] = pd.read_parquet(tmp_path / name / "metrics.parquet")
+    # a graphed run interrupted in its 14th step (after the checkpoint of step 12), resumed with graphs
+    import gnsrepro.train as training
+
+    calls, real_step = [], training.step
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 14:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    with monkeypatch.context() as m:
+        m.setattr(training, "step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg(tmp_path / "resumed", "max_steps=18", "cuda_graphs=true"))
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)["step"] == 12
+    train(cfg(tmp_path / "resumed", "max_steps=18", "cuda_graphs=true", "resume=true"))
+    runs["resumed"] = pd.read_parquet(tmp_path / "resumed" / "metrics.parquet")
+    eager, again = runs["eager"], runs["again"]
+    assert len(set(eager["batch_size"])) > 1  # the schedule moved: more than one layout was captured
+    spread = (again["loss"] - eager["loss"]).abs().max()
+    for name in ("graphed", "resumed"):
+        r = runs[name]
+        assert list(r["step"]) == list(eager["step"]) and list(r["batch_size"]) == list(eager["batch_size"]), name
+        diff = (r["loss"] - eager["loss"]).abs().max()
+        assert diff <= 10 * spread + 1e-5, f"{name}: loss differs by {diff:.3g}, eager from itself by {spread:.3g}"
+        assert r["val_loss"].notna().sum() == eager["val_loss"].notna().sum()
+
+
+def test_bench_with_cuda_graphs_true_on_a_cpu_is_a_one_line_error():
+    from omegaconf import OmegaConf
+
+    from gnsrepro.benchmarks import check_bench_settings
+    from gnsrepro.config import BenchConfig
+
+    cfg = OmegaConf.structured(BenchConfig(target="overhead", device="cpu", cuda_graphs="true"))
+    with pytest.raises(ConfigError, match="^cuda_graphs=true needs a CUDA GPU; use cuda_graphs=auto"):
+        check_bench_settings(cfg)

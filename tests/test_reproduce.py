@@ -81,3 +81,14 @@ def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path, monkeypat
     assert json.loads((out / "status.json").read_text())["broken"]["status"] == "failed"  # kept
     with pytest.raises(ConfigError, match="part=nope is not a part of plan=test; accepted: broken, costs, figures"):
         run_reproduce(OmegaConf.create({"plan": plan, "part": "nope", "force": False}))
+
+
+@pytest.mark.parametrize("plan,part_limit", [("tiny", 20), ("small", 10)])
+def test_a_plans_parts_fit_its_time_limits(plan, part_limit):
+    """tiny: the whole plan in 20 minutes on a CPU (its minutes are measured ones); small: each part in 10 minutes on
+    one GPU, the longest a device call may run (its minutes are estimates until a whole run has measured them)."""
+    cfg = reproduce_cfg(f"plan={plan}").plan
+    minutes = {p.name: float(p.minutes) for p in cfg.parts}
+    assert all(m <= part_limit for m in minutes.values()), minutes
+    if plan == "tiny":
+        assert sum(minutes.values()) + float(cfg.figures_minutes) <= 20, minutes

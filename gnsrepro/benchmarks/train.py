@@ -9,12 +9,14 @@ device's dense bf16 peak.
 rounds) in every situation, a (model, micro-batch, compile) of the lists models=, micro_batch_sizes= and
 compiles= (an empty list: the single model=, micro_batch_size=, compile=; `models=20M,111M` is bracketed by
 the CLI), one situation after another, memory and compiled graphs freed between them. A situation that runs
-out of GPU memory is "OOM" in the table and the others go on. At the end it prints one table (rows: model,
-seq_len, micro-batch, compile; columns: gns=off's step time and MFU, each variant's step time as a multiple
-of gns=off's, and the LayerNorm backend gns.ln_backend=auto picks there) and, with out=, writes a parquet
-of one row per situation and variant:
+out of GPU memory is "OOM" in the table and the others go on. cuda_graphs= applies to every situation (a
+situation's step is graphed where gnsrepro.train.use_cuda_graphs says so). At the end it prints one table
+(rows: model, seq_len, micro-batch, compile, cuda_graphs; columns: gns=off's step time and MFU, each
+variant's step time as a multiple of gns=off's, and the LayerNorm backend gns.ln_backend=auto picks there)
+and, with out=, writes a parquet of one row per situation and variant:
 
   model, n_embd, seq_len, micro_batch_size, compile   the situation
+  cuda_graphs         whether each step was replayed from a CUDA graph (gnsrepro.cuda_graphs)
   variant             an OVERHEAD_VARIANTS label: off, ln torch, ln triton, all simultaneous, all ghost
   status              "ok", or "OOM" when the situation ran out of GPU memory (its times NaN)
   step_time_s         median step time in seconds
@@ -26,8 +28,8 @@ of one row per situation and variant:
   device, torch, triton, date, git_commit, git_dirty    where, and with which code (gnsrepro.provenance)
 
 record=true writes each situation's "ln torch" and "ln triton" step times into gnsrepro/kernels/ln_backend.csv
-(replacing the rows of the same situations): the measurements gns.ln_backend=auto chooses by
-(gnsrepro.kernels.ln_backend).
+(replacing the rows of the same situations, cuda_graphs one of their keys): the measurements
+gns.ln_backend=auto chooses by (gnsrepro.kernels.ln_backend).
 
 The whole table on one GPU, every model of conf/model from 20M to 1.3B at the 111M recipe's micro-batch 8
 and at 16 and 64, compiled and eager (a few hours, most of it compiling; a situation that does not fit
@@ -259,12 +261,13 @@ def _is_oom(error: BaseException | None) -> bool:
     return False
 
 
-def _situation_rows(cfg, results: list[dict] | None, labels: list[str]) -> list[dict]:
+def _situation_rows(cfg, results: list[dict] | None, labels: list[str], cuda_graphs: bool = False) -> list[dict]:
     """The parquet rows of one situation (the module docstring's columns before ln_backend_auto); results None:
-    it ran out of memory."""
+    it ran out of memory. cuda_graphs: whether its steps were replayed from CUDA graphs."""
     seq_len = cfg.seq_len or cfg.model.block_size
     situation = {"model": cfg.model.name, "n_embd": int(cfg.model.n_embd), "seq_len": int(seq_len),
-                 "micro_batch_size": int(cfg.micro_batch_size), "compile": bool(cfg.compile)}
+                 "micro_batch_size": int(cfg.micro_batch_size), "compile": bool(cfg.compile),
+                 "cuda_graphs": bool(cuda_graphs)}
     timing = {"steps": int(cfg.steps), "warmup": int(cfg.warmup), "rounds": int(cfg.rounds)}
     nan = float("nan")
     if results is None:
@@ -284,19 +287,20 @@ def ln_backend_rows(rows: list[dict], device_name: str, commit: str, day: str) -
     times: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if r["status"] == "ok" and r["variant"] in ("ln torch", "ln triton"):
-            key = (r["model"], r["n_embd"], r["seq_len"], r["micro_batch_size"], r["compile"], r["steps"],
-                   r["warmup"], r["rounds"])
+            key = (r["model"], r["n_embd"], r["seq_len"], r["micro_batch_size"], r["compile"], r["cuda_graphs"],
+                   r["steps"], r["warmup"], r["rounds"])
             times.setdefault(key, {})[r["variant"].removeprefix("ln ")] = 1e3 * r["step_time_s"]
     out = []
-    for (model, n_embd, seq_len, micro, compile, steps, warmup, rounds), ms in times.items():
+    for (model, n_embd, seq_len, micro, compile, graphs, steps, warmup, rounds), ms in times.items():
         if len(ms) < 2:
             continue
-        out.append({"device": device_name, "compile": compile, "n_embd": n_embd, "micro_batch_size": micro,
-                    "seq_len": seq_len, "torch_ms": round(ms["torch"], 2), "triton_ms": round(ms["triton"], 2),
+        out.append({"device": device_name, "compile": compile, "cuda_graphs": graphs, "n_embd": n_embd,
+                    "micro_batch_size": micro, "seq_len": seq_len, "torch_ms": round(ms["torch"], 2),
+                    "triton_ms": round(ms["triton"], 2),
                     "faster": faster_backend(round(ms["torch"], 2), round(ms["triton"], 2)), "date": day,
                     "commit": commit, "command": f"gnsrepro bench overhead model={model} seq_len={seq_len} "
-                    f"micro_batch_size={micro} compile={str(compile).lower()} steps={steps} warmup={warmup} "
-                    f"rounds={rounds}"})
+                    f"micro_batch_size={micro} compile={str(compile).lower()} cuda_graphs={str(graphs).lower()} "
+                    f"steps={steps} warmup={warmup} rounds={rounds}"})
     return out
 
 
@@ -308,17 +312,17 @@ def _commit() -> str:
 
 
 def overhead_table(rows: list[dict]) -> str:
-    """bench overhead's rows as one table: a line per situation (model, seq_len, micro-batch, compile) with
-    gns=off's step time and MFU, each variant's step time as a multiple of gns=off's ("OOM" for a situation that
-    ran out of memory), and gns.ln_backend=auto's pick there."""
+    """bench overhead's rows as one table: a line per situation (model, seq_len, micro-batch, compile,
+    cuda_graphs) with gns=off's step time and MFU, each variant's step time as a multiple of gns=off's ("OOM"
+    for a situation that ran out of memory), and gns.ln_backend=auto's pick there."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
     labels = [label for label in dict.fromkeys(df["variant"]) if label != "off"]
     lines = []
-    for (model, seq_len, micro, compile), group in df.groupby(["model", "seq_len", "micro_batch_size", "compile"],
-                                                                sort=False):
-        line = {"model": model, "seq_len": seq_len, "micro": micro, "compile": compile}
+    situation = ["model", "seq_len", "micro_batch_size", "compile", "cuda_graphs"]
+    for (model, seq_len, micro, compile, graphs), group in df.groupby(situation, sort=False):
+        line = {"model": model, "seq_len": seq_len, "micro": micro, "compile": compile, "cuda_graphs": graphs}
         by_variant = group.set_index("variant")
         if (group["status"] == "OOM").any():
             line |= {"off ms": "OOM", "MFU": ""} | {label: "" for label in labels}
@@ -357,9 +361,10 @@ def bench_overhead(cfg) -> list[dict]:
         seq_len = situation.seq_len or situation.model.block_size
         per_round = situation.steps // situation.rounds
         count = f" [{k}/{len(todo)}]" if len(todo) > 1 else ""
+        graphed = use_cuda_graphs(situation.cuda_graphs, device, 1, situation.model.dropout)  # as _prepare builds it
         print(f"bench overhead{count}: model {situation.model.name} | seq_len {seq_len} | micro-batch "
-              f"{situation.micro_batch_size} | compile {situation.compile} | median of {per_round * situation.rounds} "
-              f"steps per variant after {situation.warmup}"
+              f"{situation.micro_batch_size} | compile {situation.compile} | cuda_graphs {graphed} | median of "
+              f"{per_round * situation.rounds} steps per variant after {situation.warmup}"
               + (f", in {situation.rounds} interleaved rounds" if situation.rounds > 1 else ""), flush=True)
         try:
             results = time_overhead(situation, device)
@@ -372,7 +377,7 @@ def bench_overhead(cfg) -> list[dict]:
             print(f"  OOM: model {situation.model.name} at micro-batch {situation.micro_batch_size} does not fit "
                   f"(rounds={situation.rounds} holds all {len(labels)} variants at once; rounds=1 holds one)",
                   flush=True)
-        rows += _situation_rows(situation, results, labels)
+        rows += _situation_rows(situation, results, labels, graphed)
     if cfg.record:
         from gnsrepro.kernels.ln_backend import LN_BACKEND_TABLE, record_ln_backend
 
@@ -384,7 +389,7 @@ def bench_overhead(cfg) -> list[dict]:
     auto = GNSConfig(mode="ln", ln_backend="auto")
     for row in rows:
         row["ln_backend_auto"] = ln_backend_choice(auto, device, row["n_embd"], row["compile"],
-                                                   row["micro_batch_size"])[0]
+                                                   row["micro_batch_size"], row["cuda_graphs"])[0]
     print(f"bench overhead: {len(todo)} situation(s); x = step time / gns=off's in the same situation; "
           "auto = what gns.ln_backend=auto picks there")
     print(overhead_table(rows), flush=True)

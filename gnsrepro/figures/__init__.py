@@ -80,7 +80,8 @@ def figures_usage() -> str:
               "outputs/figures/<figure>).",
               "Several runs are one list: run=DIR1,DIR2 or run=[DIR1,DIR2] (Hydra takes a key once per command line).",
               "Settings: alpha (phase, ddp), alphas (correlation), source (phase, correlation, ddp); model, seq_len,",
-              "batch_size, bytes_per_element (cost). `gnsrepro plot --cfg job` shows them."]
+              "batch_size, bytes_per_element (cost); reference (schedule: the fixed batch the savings are against).",
+              "`gnsrepro plot --cfg job` shows them."]
     return "\n".join(lines)
 
 
@@ -151,7 +152,8 @@ def run_plot(cfg) -> list[Path]:
         raise ConfigError(f"out={out} is a directory; give the path stem of the figure, e.g. out={out / cfg.figure}")
     settings = {"alpha": cfg.alpha, "alphas": list(cfg.alphas), "source": cfg.source, "model": cfg.model,
                 "outlier_guard": cfg.outlier_guard,
-                "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "bytes_per_element": cfg.bytes_per_element}
+                "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "bytes_per_element": cfg.bytes_per_element,
+                "reference": cfg.reference}
     accepted = inspect.signature(spec.function).parameters
     paths = spec.function(*inputs, out=out, **{k: v for k, v in settings.items() if k in accepted})
     for path in paths:

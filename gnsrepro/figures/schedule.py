@@ -3,10 +3,12 @@ against tokens of each arm (mean and min-max band over seeds), the batch size ea
 tokens, and the tokens each schedule saved against the fixed batch, per loss level.
 
 An arm is every run with the same `schedule.name` in its config.yaml (constant, the paper's fixed batch;
-linear, its ramp; gns, the batch driven by the measured GNS), its seeds the runs' `seed`. The seeds of an
-arm are averaged on a common token grid (the tokens that all of them reached), by linear interpolation
-of each run's per-step values. Tokens saved come from `gnsrepro.analysis.tokens_saved`, against the
-constant arm of the same seed.
+linear, its ramp; gns, the batch driven by the measured GNS), its seeds the runs' `seed`; fixed-batch runs of
+several batch sizes (a swept fixed batch) are one arm per size, "fixed B" (`gnsrepro.analysis.schedule_arm`).
+The seeds of an arm are averaged on a common token grid (the tokens that all of them reached), by linear
+interpolation of each run's per-step values. Tokens saved come from `gnsrepro.analysis.tokens_saved`, against
+the reference fixed arm's run of the same seed: the fixed batch `reference=B`, by default the one equal to the
+schedules' largest batch (the paper's comparison, p. 9), else the largest (`gnsrepro.analysis.reference_fixed_arm`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gnsrepro.analysis import smoothing_window
+from gnsrepro.analysis import fixed_arm_batches, reference_fixed_arm, schedule_arm, smoothing_window
 from gnsrepro.errors import ConfigError
 from gnsrepro.figures.common import (
     format_count,
@@ -36,17 +38,30 @@ GRID_POINTS = 400
 
 
 def group_arms(runs) -> dict[str, dict[int, object]]:
-    """{schedule name: {seed: run}} in the order the runs were given; ConfigError for two runs of one arm
-    and seed (which of them is meant is unknown)."""
+    """{arm: {seed: run}} in the order the runs were given, arms by `gnsrepro.analysis.schedule_arm`;
+    ConfigError for two runs of one arm and seed (which of them is meant is unknown)."""
+    configs = [run.config for run in runs]
     arms: dict[str, dict[int, object]] = {}
     for run in runs:
-        name = str(run.config.get("schedule", {}).get("name", "?"))
+        arm = schedule_arm(run.config, configs)
         seed = int(run.config.get("seed", 0))
-        if seed in arms.setdefault(name, {}):
-            raise ConfigError(f"runs {arms[name][seed].path} and {run.path} are both schedule.name={name} "
+        if seed in arms.setdefault(arm, {}):
+            name = str(run.config.get("schedule", {}).get("name", "?"))
+            batch = f" schedule.batch_size={run.config['schedule']['batch_size']}" if arm != name else ""
+            raise ConfigError(f"runs {arms[arm][seed].path} and {run.path} are both schedule.name={name}{batch} "
                               f"seed={seed}; give one run per schedule and seed")
-        arms[name][seed] = run
+        arms[arm][seed] = run
     return arms
+
+
+def arm_styles(configs) -> tuple[dict[str, str], dict[str, object]]:
+    """(labels, colours) of the arms of these runs' configs: ARM_LABELS and ARM_COLOURS, and for a swept fixed
+    batch "fixed B" in shades of grey, the largest batch black."""
+    labels, colours = dict(ARM_LABELS), dict(ARM_COLOURS)
+    fixed = {arm: b for arm, b in fixed_arm_batches(configs).items() if arm != REFERENCE_ARM}
+    for shade, (arm, batch) in zip(np.linspace(0.7, 0.0, len(fixed)), fixed.items()):
+        labels[arm], colours[arm] = f"fixed {batch}", str(round(float(shade), 3))
+    return labels, colours
 
 
 def _band(curves: list[tuple[np.ndarray, np.ndarray]]) -> pd.DataFrame:
@@ -72,24 +87,26 @@ def arm_curves(arms: dict[str, dict[int, object]], column: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def saved_tokens(arms: dict[str, dict[int, object]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(levels, finals): `gnsrepro.analysis.tokens_saved` of each run of every other arm against the
-    constant arm's run of the same seed (else its first seed). levels: the TokensSaved.levels rows with
-    arm, seed, reference_seed and window columns; finals: one row per run, the TokensSaved.final fields
-    (at the reference's final smoothed loss) and its messages."""
+def saved_tokens(arms: dict[str, dict[int, object]], reference_arm: str = REFERENCE_ARM
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(levels, finals): `gnsrepro.analysis.tokens_saved` of each run of every other arm (the other fixed
+    batches too) against the reference arm's run of the same seed (else its first seed). levels: the
+    TokensSaved.levels rows with arm, seed, reference_arm, reference_seed and window columns; finals: one row
+    per run, the TokensSaved.final fields (at the reference's final smoothed loss) and its messages."""
     from gnsrepro.analysis import tokens_saved
 
-    reference = arms[REFERENCE_ARM]
+    reference = arms[reference_arm]
     levels, finals = [], []
     for arm, seeds in arms.items():
-        if arm == REFERENCE_ARM:
+        if arm == reference_arm:
             continue
         for seed, run in seeds.items():
             ref_seed = seed if seed in reference else next(iter(reference))
             ref = reference[ref_seed]
             window = smoothing_window(ref.metrics, run.metrics)
             result = tokens_saved(ref.metrics, run.metrics, window=window)
-            tags = {"arm": arm, "seed": seed, "reference_seed": ref_seed, "window": window}
+            tags = {"arm": arm, "seed": seed, "reference_arm": reference_arm, "reference_seed": ref_seed,
+                    "window": window}
             levels.append(result.levels.assign(**tags))
             finals.append({**tags, **result.final.to_dict(), "final_loss": result.final_loss,
                            "messages": " ".join(result.messages)})
@@ -97,14 +114,22 @@ def saved_tokens(arms: dict[str, dict[int, object]]) -> tuple[pd.DataFrame, pd.D
 
 
 def draw_schedule(loss: pd.DataFrame, batch: pd.DataFrame, levels: pd.DataFrame | None,
-                  finals: pd.DataFrame | None, title: str):
-    """Loss against tokens, batch size against tokens and (with a constant arm) tokens saved against loss."""
+                  finals: pd.DataFrame | None, title: str, labels: dict | None = None, colours: dict | None = None,
+                  reference_label: str = "the fixed batch", fixed_arms=()):
+    """Loss against tokens, batch size against tokens and (with a fixed arm) tokens saved against loss.
+
+    labels, colours: per arm (default ARM_LABELS, ARM_COLOURS); reference_label: what the savings are against;
+    fixed_arms: the fixed arms other than the reference, whose savings are drawn dashed, one legend entry per
+    arm (the mean over its seeds), while each schedule arm has one entry per seed.
+    """
+    labels = ARM_LABELS if labels is None else labels
+    colours = ARM_COLOURS if colours is None else colours
     n = 3 if levels is not None else 2
     fig = new_figure(5.4 * n, 5.0)
     axes = fig.subplots(1, n)
     loss_ax, batch_ax = axes[0], axes[1]
     for arm in dict.fromkeys(loss["arm"]):
-        colour, label = ARM_COLOURS.get(arm), ARM_LABELS.get(arm, arm)
+        colour, label = colours.get(arm), labels.get(arm, arm)
         a = loss[loss["arm"] == arm]
         seeds = int(a["n_seeds"].iloc[0])
         loss_ax.plot(a["tokens"], a["mean"], color=colour, lw=1.2,
@@ -128,16 +153,25 @@ def draw_schedule(loss: pd.DataFrame, batch: pd.DataFrame, levels: pd.DataFrame 
         ax = axes[2]
         for (arm, seed), s in levels.groupby(["arm", "seed"], sort=False):
             f = finals[(finals["arm"] == arm) & (finals["seed"] == seed)].iloc[0]
-            at_final = (f"{format_count(f['tokens_saved'])} ({f['tokens_saved_pct']:.1f}%) at the final loss"
-                        if np.isfinite(f["tokens_saved"]) else "final loss not reached")
-            ax.plot(s["loss"], s["tokens_saved"], color=ARM_COLOURS.get(arm), lw=1.2,
-                    label=f"{ARM_LABELS.get(arm, arm)}, seed {seed}: {at_final}")
-            ax.plot([f["final_loss"]], [f["tokens_saved"]], "o", color=ARM_COLOURS.get(arm), ms=5)
+            if arm in fixed_arms:
+                of_arm = finals[finals["arm"] == arm]
+                first = seed == of_arm["seed"].iloc[0]
+                mean = of_arm["tokens_saved_pct"].mean()  # NaN when a seed did not reach the final loss
+                label = (f"{labels.get(arm, arm)} ({len(of_arm)} seed{'s' if len(of_arm) > 1 else ''}): "
+                         + (f"{mean:.1f}% at the final loss (mean)" if np.isfinite(mean) else "final loss not reached"))
+                ax.plot(s["loss"], s["tokens_saved"], color=colours.get(arm), lw=1.0, ls="--",
+                        label=label if first else "_nolegend_")
+            else:
+                at_final = (f"{format_count(f['tokens_saved'])} ({f['tokens_saved_pct']:.1f}%) at the final loss"
+                            if np.isfinite(f["tokens_saved"]) else "final loss not reached")
+                ax.plot(s["loss"], s["tokens_saved"], color=colours.get(arm), lw=1.2,
+                        label=f"{labels.get(arm, arm)}, seed {seed}: {at_final}")
+            ax.plot([f["final_loss"]], [f["tokens_saved"]], "o", color=colours.get(arm), ms=5)
         ax.axhline(0, color="0.5", lw=0.8)
         ax.invert_xaxis()  # training runs from high loss to low
         tokens_axis(ax.yaxis)
         ax.set_xlabel("smoothed training loss first reached (nats/token)")
-        ax.set_ylabel("tokens saved against the fixed batch")
+        ax.set_ylabel(f"tokens saved against {reference_label}")
         window = int(levels["window"].max())
         ax.set_title(f"tokens saved per loss level (smoothing window {window} steps)", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
@@ -146,26 +180,41 @@ def draw_schedule(loss: pd.DataFrame, batch: pd.DataFrame, levels: pd.DataFrame 
     return fig
 
 
-def schedule(run_dirs, out: str | os.PathLike) -> list[Path]:
+def schedule(run_dirs, out: str | os.PathLike, reference: int | None = None) -> list[Path]:
     """Draw the schedule comparison of the runs in `run_dirs` (any number of arms and seeds) to `<out>.png`,
     `<out>.pdf`, the plotted curves to `<out>.parquet` (panel, arm, tokens, mean, min, max, n_seeds) and,
-    with a constant arm and another, the tokens saved to `<out>-tokens-saved.parquet` (per loss level) and
-    `<out>-tokens-saved-final.parquet` (at the reference's final smoothed loss); return the paths."""
+    with a fixed arm and another, the tokens saved against the reference fixed arm to
+    `<out>-tokens-saved.parquet` (per loss level) and `<out>-tokens-saved-final.parquet` (at the reference's
+    final smoothed loss); return the paths.
+
+    reference: the batch size of the fixed arm the savings are against (`gnsrepro.analysis.reference_fixed_arm`:
+    by default the one equal to the schedules' largest batch, else the largest fixed batch); ConfigError, before
+    anything is drawn, when no fixed-batch run has it.
+    """
     from gnsrepro.runs import load_run
 
     runs = [load_run(r, need_gns=False) for r in run_dirs]
     if not runs:
         raise ConfigError("figure=schedule needs run directories: run=[DIR1,DIR2,...]")
+    configs = [run.config for run in runs]
+    reference_arm = reference_fixed_arm(configs, reference)
     arms = group_arms(runs)
+    labels, colours = arm_styles(configs)
+    fixed = fixed_arm_batches(configs)
     loss, batch = arm_curves(arms, "loss"), arm_curves(arms, "batch_size")
     levels = finals = None
-    if REFERENCE_ARM in arms and len(arms) > 1:
-        levels, finals = saved_tokens(arms)
+    if reference_arm is not None and len(arms) > 1:
+        levels, finals = saved_tokens(arms, reference_arm)
+    reference_label = "the fixed batch"
+    if reference_arm is not None and reference_arm != REFERENCE_ARM:
+        labels[reference_arm] += " (reference)"
+        reference_label = f"fixed {fixed[reference_arm]}"
     seeds = sorted({s for a in arms.values() for s in a})
     longest = format_count(max(r.metrics["tokens"].max() for r in runs))
-    title = (f"Batch-size schedules ({', '.join(ARM_LABELS.get(a, a) for a in arms)}; seeds "
+    title = (f"Batch-size schedules ({', '.join(labels.get(a, a) for a in arms)}; seeds "
              f"{', '.join(map(str, seeds))}): {run_description(runs[0], tokens=f'up to {longest}')}")
-    fig = draw_schedule(loss, batch, levels, finals, title)
+    fig = draw_schedule(loss, batch, levels, finals, title, labels, colours, reference_label,
+                        fixed_arms=[a for a in fixed if a != reference_arm])
     values = pd.concat([loss.assign(panel="loss"), batch.assign(panel="batch_size")], ignore_index=True)
     paths = save(fig, out, values)
     if levels is not None:

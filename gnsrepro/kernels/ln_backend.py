@@ -7,14 +7,18 @@ kernels; `triton` is one fused Triton kernel forward and backward, residual add 
 (gnsrepro.kernels.layer_norm), opaque to inductor and with the host cost of a custom autograd Function. Which
 is faster depends on the situation: compiled at 111M (d = 768) the two are within 1% of gns=off; compiled at
 20M (d = 256) the Triton path's fixed host cost doubles a 15 ms step; in eager mode the PyTorch path's unfused
-ops cost 21% at 111M where the fused kernel makes the step 8% faster than gns=off. No rule of thumb predicts
-this, so auto reads the choice from measurements: ln_backend.csv beside this module, one row per situation,
-written by `gnsrepro bench overhead ... record=true` from its "ln torch" and "ln triton" variants (median step
-times of the whole training step, the variants interleaved; gnsrepro.benchmarks.train).
+ops cost 21% at 111M where the fused kernel makes the step 8% faster than gns=off. Replaying the step from a
+CUDA graph (cuda_graphs=true, gnsrepro.cuda_graphs) removes the host cost, so only GPU time counts: compiled
+at 20M the two paths are then within 3% of gns=off and 2% of each other (one H200, micro-batch 16: torch 9.70,
+triton 9.64 ms against 9.45 ms; micro-batch 64: 0.996x and 1.015x). No rule of thumb predicts this, so auto
+reads the choice from measurements: ln_backend.csv beside this module, one row per situation, written by
+`gnsrepro bench overhead ... record=true` from its "ln torch" and "ln triton" variants (median step times of
+the whole training step, the variants interleaved; gnsrepro.benchmarks.train).
 
 Columns of ln_backend.csv (TABLE_COLUMNS):
   device            torch.cuda.get_device_name() of the GPU measured on, e.g. "NVIDIA H200"
   compile           whether the step was torch.compile'd (True / False)
+  cuda_graphs       whether the step was replayed from a CUDA graph (True / False; gnsrepro.cuda_graphs)
   n_embd            the model's width d
   micro_batch_size  sequences per forward/backward
   seq_len           tokens per sequence
@@ -36,9 +40,10 @@ from pathlib import Path
 import pandas as pd
 
 LN_BACKEND_TABLE = Path(__file__).with_name("ln_backend.csv")
-TABLE_COLUMNS = ("device", "compile", "n_embd", "micro_batch_size", "seq_len", "torch_ms", "triton_ms", "faster",
-                 "date", "commit", "command")
-SITUATION_KEY = ("device", "compile", "n_embd", "micro_batch_size", "seq_len")  # one row per situation
+TABLE_COLUMNS = ("device", "compile", "cuda_graphs", "n_embd", "micro_batch_size", "seq_len", "torch_ms", "triton_ms",
+                 "faster", "date", "commit", "command")
+SITUATION_KEY = ("device", "compile", "cuda_graphs", "n_embd", "micro_batch_size", "seq_len")  # one row per situation
+FLAG_COLUMNS = ("compile", "cuda_graphs")  # True / False
 # GPU models whose measurements stand in for each other when the exact model has no row: the same chip
 # generation (compute capability 9.0, Hopper); H200 is H100's die with more and faster HBM
 GPU_FAMILIES = {"H100": "sm90", "H200": "sm90", "H800": "sm90", "H20": "sm90", "GH200": "sm90"}
@@ -84,16 +89,17 @@ def _positive_number(value) -> bool:
 
 
 def check_table(df: pd.DataFrame, where: str = "ln_backend table") -> None:
-    """Raise ValueError naming the first problem of a table: its columns, a compile flag that is not a boolean,
-    a width, micro-batch or context that is not a positive integer, a time that is not a positive number, a
-    `faster` that is not the backend with the smaller time, an empty device, date or command, or two rows for
-    one situation (SITUATION_KEY)."""
+    """Raise ValueError naming the first problem of a table: its columns, a compile or cuda_graphs flag that is
+    not a boolean, a width, micro-batch or context that is not a positive integer, a time that is not a positive
+    number, a `faster` that is not the backend with the smaller time, an empty device, date or command, or two
+    rows for one situation (SITUATION_KEY)."""
     if tuple(df.columns) != TABLE_COLUMNS:
         raise ValueError(f"{where}: columns {list(df.columns)}; expected {list(TABLE_COLUMNS)}")
     for i, row in enumerate(df.to_dict("records"), start=1):
         line = f"{where} row {i}"
-        if str(row["compile"]) not in ("True", "False"):
-            raise ValueError(f"{line}: compile={row['compile']!r} is not True or False")
+        for key in FLAG_COLUMNS:
+            if str(row[key]) not in ("True", "False"):
+                raise ValueError(f"{line}: {key}={row[key]!r} is not True or False")
         for key in ("n_embd", "micro_batch_size", "seq_len"):
             if not _positive_int(row[key]):
                 raise ValueError(f"{line}: {key}={row[key]!r} is not a positive integer")
@@ -117,28 +123,50 @@ def faster_backend(torch_ms: float, triton_ms: float) -> str:
     return "torch" if torch_ms <= triton_ms else "triton"
 
 
+def _measurement_name(compile: bool, cuda_graphs: bool | None) -> str:
+    """"compiled measurement with CUDA graphs", "eager measurement without CUDA graphs"; cuda_graphs None: either."""
+    graphs = {True: " with CUDA graphs", False: " without CUDA graphs", None: ""}[cuda_graphs]
+    return ("compiled" if compile else "eager") + " measurement" + graphs
+
+
+def _rows_of_device(rows: pd.DataFrame, device_name: str) -> pd.DataFrame:
+    """The rows of this device name, else of its GPU model (gpu_model), else of its family (GPU_FAMILIES); none
+    of these: an empty frame."""
+    for matches in (rows["device"].str.strip() == device_name.strip(), rows["device"].map(gpu_model) ==
+                    gpu_model(device_name), rows["device"].map(gpu_family) == gpu_family(device_name)):
+        if matches.any():
+            return rows[matches]
+    return rows.iloc[:0]
+
+
 def choose_ln_backend(device_name: str, compile: bool, n_embd: int | None, micro_batch_size: int | None,
-                      table: str | os.PathLike | pd.DataFrame | None = None) -> tuple[str, str]:
+                      table: str | os.PathLike | pd.DataFrame | None = None, *,
+                      cuda_graphs: bool = False) -> tuple[str, str]:
     """(backend, why) for a CUDA GPU: the `faster` of the nearest recorded situation.
 
-    Rows of the same compile mode only; of those, the rows of this device name, else of its GPU model
-    (gpu_model: "NVIDIA H100 PCIe" and "NVIDIA H100 80GB HBM3" are both H100), else of its family (GPU_FAMILIES:
-    H100 and H200 are one, sm90); of those, the nearest n_embd on a log scale (|log(d/d_row)|), then the nearest
-    micro-batch on a log scale, then the latest date, then the row last in the table. No row for the family in
-    this compile mode: DEFAULT_CUDA_BACKEND (triton, the choice before measurements were recorded).
+    Rows of the same compile mode and CUDA-graph mode only; of those, the rows of this device name, else of its
+    GPU model (gpu_model: "NVIDIA H100 PCIe" and "NVIDIA H100 80GB HBM3" are both H100), else of its family
+    (GPU_FAMILIES: H100 and H200 are one, sm90); of those, the nearest n_embd on a log scale (|log(d/d_row)|),
+    then the nearest micro-batch on a log scale, then the latest date, then the row last in the table. A graphed
+    step (cuda_graphs) with no graphed row for the family takes the rows without graphs of its compile mode, and
+    `why` says so: the nearest evidence there is, though their times include the host cost that graphs remove,
+    which weighs against triton at small widths. No row for the family in this compile mode:
+    DEFAULT_CUDA_BACKEND (triton, the choice before measurements were recorded).
     """
     df = table if isinstance(table, pd.DataFrame) else read_table(table)
     same_mode = df[df["compile"].astype(str) == str(bool(compile))]
-    model, family = gpu_model(device_name), gpu_family(device_name)
-    for matches in (same_mode["device"].str.strip() == device_name.strip(),
-                    same_mode["device"].map(gpu_model) == model, same_mode["device"].map(gpu_family) == family):
-        rows = same_mode[matches]
-        if not rows.empty:
-            break
-    mode = "compiled" if compile else "eager"
+    graphed = same_mode["cuda_graphs"].astype(str) == "True"
+    rows = _rows_of_device(same_mode[graphed == bool(cuda_graphs)], device_name)
+    measured, fallback = _measurement_name(compile, bool(cuda_graphs)), ""
+    if rows.empty and cuda_graphs:
+        rows = _rows_of_device(same_mode[~graphed], device_name)
+        fallback = f"no {measured} for {device_name} ({gpu_family(device_name)}) in ln_backend.csv, so one without: "
+        measured = _measurement_name(compile, False)
     if rows.empty:
-        return DEFAULT_CUDA_BACKEND, (f"no {mode} measurement for {device_name} ({family}) in ln_backend.csv: "
-                                      f"{DEFAULT_CUDA_BACKEND}")
+        either = _measurement_name(compile, None if cuda_graphs else False)
+        return DEFAULT_CUDA_BACKEND, (f"no {either} for {device_name} ({gpu_family(device_name)}) in ln_backend.csv"
+                                      + (", with or without CUDA graphs" if cuda_graphs else "")
+                                      + f": {DEFAULT_CUDA_BACKEND}")
 
     def log_distance(column: str, value: int | None):
         if value is None:
@@ -149,9 +177,9 @@ def choose_ln_backend(device_name: str, compile: bool, n_embd: int | None, micro
         distance = log_distance(column, value)
         rows = rows[distance <= distance.min() + 1e-12]
     row = rows.sort_values("date", kind="stable").iloc[-1]
-    return str(row["faster"]), (f"{mode} measurement on {row['device']} at n_embd {row['n_embd']}, micro-batch "
-                                f"{row['micro_batch_size']}, seq_len {row['seq_len']} ({row['date']}): torch "
-                                f"{float(row['torch_ms']):.1f} ms, triton {float(row['triton_ms']):.1f} ms")
+    return str(row["faster"]), (f"{fallback}{measured} on {row['device']} at n_embd {row['n_embd']}, "
+                                f"micro-batch {row['micro_batch_size']}, seq_len {row['seq_len']} ({row['date']}): "
+                                f"torch {float(row['torch_ms']):.1f} ms, triton {float(row['triton_ms']):.1f} ms")
 
 
 def record_ln_backend(rows: list[dict], path: str | os.PathLike | None = None) -> pd.DataFrame:
@@ -165,7 +193,8 @@ def record_ln_backend(rows: list[dict], path: str | os.PathLike | None = None) -
     keys = lambda df: df[key].astype(str).agg("|".join, axis=1)  # noqa: E731 - compile True and "True" alike
     kept = old[~keys(old).isin(set(keys(new)))] if len(old) else old
     table = pd.concat([kept, new], ignore_index=True) if len(kept) else new
-    table["compile"] = table["compile"].astype(str) == "True"
+    for flag in FLAG_COLUMNS:
+        table[flag] = table[flag].astype(str) == "True"
     table = table.sort_values(key, kind="stable", ignore_index=True)
     check_table(table, str(path))
     tmp = path.with_name(path.name + ".tmp")
