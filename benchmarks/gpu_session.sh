@@ -2,7 +2,7 @@
 # The GPU work of a session in one script, for the device machine (torch 2.11 / triton 3.6, no registry).
 # Usage, from the project root, with .whl/ built by ../shared/device/wheelhouse.sh and carried along:
 #   bash benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose fixed variants sweepbwd sweep train overhead run111m small ddp
-#   schedule profile graphs overheads)
+#   schedule profile graphs overheads reproduce)
 # Prints each command before running it; logs and parquet land in $OUT (or outputs/gpu-session).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -49,6 +49,15 @@ print(d[d.step == d.step.max()].to_string(index=False))" ;;
                run python3 -m gnsrepro plot figure=schedule "run=[$(ls -d outputs/schedule/small/*-seed* | paste -sd,)]" \
                  out=$OUT/schedule
                tar czf "$OUT/schedule_runs.tar.gz" --exclude=ckpt.pt outputs/schedule/small ;;
+    reproduce) # parts of the small plan (PARTS="correlation schedule0"), each at most 10 minutes; their small files (no
+               # checkpoints) come back as one tarball, status-<parts>.json in it: extract it at the repository root,
+               # then `gnsrepro reproduce plan=small part=figures` and `part=report` here (figures read parquet only)
+               tag=$(echo ${PARTS:?} | tr ' ' -)
+               for p in $PARTS; do run python3 -m gnsrepro reproduce plan=small part=$p; done
+               mv outputs/reproduce/small/status.json "outputs/reproduce/small/status-$tag.json"
+               tar czf "$OUT/small-$tag.tar.gz" --exclude=ckpt.pt --exclude='*.tmp' --exclude='.hydra' \
+                 $(ls -d outputs/reproduce/small outputs/schedule/small outputs/ratio/small outputs/lrsweep/small \
+                   outputs/variance/small outputs/flashattn/small 2>/dev/null) ;;
     graphs)    run python3 -m pytest -q -m gpu tests/test_cuda_graphs.py tests/test_cross_entropy.py ;;
     overheads) # the overhead table over models and micro-batches, interleaved per situation (MODELS=20M,111M MICROS=8,16,64
                # GRAPHS=true|false); record=true writes the LayerNorm backend rows auto reads

@@ -278,11 +278,13 @@ def write_report(plan, status: dict) -> Path:
     out = Path(plan.out_dir)
     numbers = headline_numbers(plan)
     lines = [f"# gnsrepro reproduction at the {plan.name} scale", "", plan.get("about", "").strip(), "",
-             *_environment(), "", "## Parts", "", "| part | status | minutes |", "| --- | --- | --- |"]
+             *_environment(), "", "## Parts", "", "| part | status | minutes | where, finished (UTC) |",
+             "| --- | --- | --- | --- |"]
     for name, entry in status.items():
         failed = entry["status"] == "failed"
         what = entry["status"] + (f": `{entry['command']}` exited {entry['exit']}" if failed else "")
-        lines.append(f"| {name} | {what} | {entry['seconds'] / 60:.1f} |")
+        lines.append(f"| {name} | {what} | {entry['seconds'] / 60:.1f} | {entry.get('device', '')} "
+                     f"{entry.get('finished', '')} |")
     lines += ["", "## Headline numbers", "", "| what | measured here | the paper |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in _rows(numbers)]
     lines += ["", "## Figures", ""]

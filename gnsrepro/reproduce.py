@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -54,15 +55,29 @@ def expand_globs(argv: list[str]) -> list[str]:
 
 
 class StatusFile:
-    """outputs/reproduce/<scale>/status.json: per part, ok or failed, its seconds, the failing command and the end
-    of its output; written atomically after every part, so a killed reproduce leaves what it finished."""
+    """outputs/reproduce/<scale>/status.json: per part, ok or failed, its seconds, where and when it finished, the
+    failing command and the end of its output; written atomically after every part, so a killed reproduce leaves
+    what it finished.
+
+    Parts run on other machines (the small scale's parts, one GPU call each: benchmarks/gpu_session.sh stage
+    `reproduce`) come back with their outputs as status-<name>.json beside it; a part's entry is the one that
+    finished last among all these files, so the report written here lists every part where it ran.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self.parts: dict = json.loads(path.read_text()) if path.exists() else {}
+        self.parts: dict = {}
+        for file in sorted(path.parent.glob("status-*.json")) + ([path] if path.exists() else []):
+            for name, entry in json.loads(file.read_text()).items():
+                if name not in self.parts or entry.get("finished", "") >= self.parts[name].get("finished", ""):
+                    self.parts[name] = entry
 
     def record(self, name: str, **entry) -> None:
-        self.parts[name] = entry
+        import torch
+
+        where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+        self.parts[name] = {**entry, "device": where,
+                            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.parts, indent=2))

@@ -151,9 +151,10 @@ def test_a_training_run_with_cuda_graphs_matches_one_without_and_resumes(data_di
 def test_bench_with_cuda_graphs_true_on_a_cpu_is_a_one_line_error():
     from omegaconf import OmegaConf
 
-    from gnsrepro.benchmarks import check_bench_settings
+    from gnsrepro.benchmarks.train import bench_overhead, bench_train
     from gnsrepro.config import BenchConfig
 
-    cfg = OmegaConf.structured(BenchConfig(target="overhead", device="cpu", cuda_graphs="true"))
-    with pytest.raises(ConfigError, match="^cuda_graphs=true needs a CUDA GPU; use cuda_graphs=auto"):
-        check_bench_settings(cfg)
+    for target, bench in (("train", bench_train), ("overhead", bench_overhead)):
+        cfg = OmegaConf.structured(BenchConfig(target=target, device="cpu", cuda_graphs="true"))
+        with pytest.raises(ConfigError, match="^cuda_graphs=true needs a CUDA GPU; use cuda_graphs=auto"):
+            bench(cfg)

@@ -92,3 +92,24 @@ def test_a_plans_parts_fit_its_time_limits(plan, part_limit):
     assert all(m <= part_limit for m in minutes.values()), minutes
     if plan == "tiny":
         assert sum(minutes.values()) + float(cfg.figures_minutes) <= 20, minutes
+
+
+def test_status_merges_the_parts_that_ran_elsewhere_newest_first(tmp_path):
+    """Parts run on a GPU machine come back as status-<name>.json beside status.json; each part's newest entry
+    counts, and the report's table says where and when each one ran."""
+    from gnsrepro.reproduce import StatusFile
+
+    out = tmp_path / "reproduce"
+    out.mkdir()
+    gpu = {"status": "ok", "seconds": 300.0, "device": "NVIDIA H200", "finished": "2026-11-30T10:00:00+00:00"}
+    (out / "status-correlation.json").write_text(json.dumps({"correlation": gpu, "schedule0": {
+        **gpu, "status": "failed", "command": "gnsrepro train", "exit": 1, "finished": "2026-11-30T10:05:00+00:00"}}))
+    local = {"schedule0": {**gpu, "device": "CPU (2 cores)", "finished": "2026-11-29T09:00:00+00:00"}}
+    (out / "status.json").write_text(json.dumps(local))
+    status = StatusFile(out / "status.json")
+    assert status.parts["correlation"] == gpu
+    assert status.parts["schedule0"]["status"] == "failed"  # the GPU's later run, not the older local one
+    status.record("figures", status="ok", seconds=1.0)
+    entry = json.loads((out / "status.json").read_text())["figures"]
+    assert entry["device"] and entry["finished"] > gpu["finished"]
+    assert set(StatusFile(out / "status.json").parts) == {"correlation", "schedule0", "figures"}

@@ -143,8 +143,14 @@ def _header(device: torch.device) -> str:
     return f"device {name} | torch {torch.__version__} | triton {triton.__version__} | {date.today().isoformat()}"
 
 
+def _check_cuda_graphs(cfg, device: torch.device) -> None:
+    if str(cfg.cuda_graphs).lower() == "true" and device.type != "cuda":
+        raise ConfigError("cuda_graphs=true needs a CUDA GPU; use cuda_graphs=auto, which captures only on one")
+
+
 def bench_train(cfg) -> dict:
     device = _device(cfg)
+    _check_cuda_graphs(cfg, device)
     seq_len = cfg.seq_len or cfg.model.block_size
     if seq_len > cfg.model.block_size:
         raise ConfigError(f"seq_len={seq_len} is longer than the model's context "
@@ -350,6 +356,7 @@ def bench_overhead(cfg) -> list[dict]:
         raise ConfigError(f"rounds={cfg.rounds}: accepts 1 to steps={cfg.steps} (each round times at least one "
                           "step of every variant)")
     todo = situations(cfg)
+    _check_cuda_graphs(cfg, device)
     if cfg.record and device.type != "cuda":
         raise ConfigError("record=true writes the ln torch / ln triton step times into gnsrepro/kernels/"
                           "ln_backend.csv and needs a CUDA GPU (ln triton runs only there); accepted here: "
