@@ -288,6 +288,15 @@ def _check(logits: Tensor, targets: Tensor) -> None:
                          f"{tuple(targets.shape)}")
 
 
+def _grad_buffer(logits: Tensor, grad_out: Tensor | None) -> Tensor:
+    """Where a kernel writes d loss / d logits: grad_out (the logits themselves, in place) or a new tensor."""
+    if grad_out is None:
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if grad_out.shape != logits.shape or grad_out.dtype != logits.dtype or grad_out.stride(1) != 1:
+        raise ValueError(f"grad_out must be {logits.dtype} {tuple(logits.shape)} with unit column stride")
+    return grad_out
+
+
 def cross_entropy_forward(
     logits: Tensor, targets: Tensor, ignore_index: int = -1, grad_out: Tensor | None = None,
     write_grad: bool = True, block_v: int | None = None, num_warps: int | None = None, programs: int | None = None,
@@ -304,14 +313,7 @@ def cross_entropy_forward(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     N, V = logits.shape
-    if not write_grad:
-        grad = logits.new_empty(0)
-    elif grad_out is None:
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    else:
-        grad = grad_out
-        if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.stride(1) != 1:
-            raise ValueError(f"grad_out must be {logits.dtype} {tuple(logits.shape)} with unit column stride")
+    grad = _grad_buffer(logits, grad_out) if write_grad else logits.new_empty(0)
     targets = targets.contiguous()
     n_valid = (targets != ignore_index).sum()  # on the device: no sync
     row_loss = torch.empty(N, dtype=torch.float32, device=logits.device)
@@ -379,12 +381,7 @@ def cross_entropy_backward(
     if lse.shape != (N,) or lse.dtype != torch.float32 or dloss.numel() != 1 or n_valid.numel() != 1:
         raise ValueError(f"lse must be float32 of shape ({N},) and dloss, n_valid single values, got lse "
                          f"{lse.dtype} {tuple(lse.shape)}, dloss {tuple(dloss.shape)}, n_valid {tuple(n_valid.shape)}")
-    if grad_out is None:
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    else:
-        grad = grad_out
-        if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.stride(1) != 1:
-            raise ValueError(f"grad_out must be {logits.dtype} {tuple(logits.shape)} with unit column stride")
+    grad = _grad_buffer(logits, grad_out)
     if N > 0:
         block, warps = _block_v(V, logits.device)
         _cross_entropy_bwd_kernel[(N,)](
