@@ -58,7 +58,7 @@ print(d[d.step == d.step.max()].to_string(index=False))" ;;
                tar czf "$OUT/small-$tag.tar.gz" --exclude=ckpt.pt --exclude='*.tmp' --exclude='.hydra' \
                  $(ls -d outputs/reproduce/small outputs/schedule/small outputs/ratio/small outputs/lrsweep/small \
                    outputs/variance/small outputs/flashattn/small 2>/dev/null) ;;
-    graphs)    run python3 -m pytest -q -m gpu tests/test_cuda_graphs.py tests/test_cross_entropy.py ;;
+    graphs)    run python3 -m pytest -q -s -m gpu tests/test_cuda_graphs.py tests/test_cross_entropy.py tests/test_per_example_grad.py ;;
     overheads) # the overhead table over models and micro-batches, interleaved per situation (MODELS=20M,111M MICROS=8,16,64
                # GRAPHS=true|false); record=true writes the LayerNorm backend rows auto reads
                run python3 -m gnsrepro bench overhead "models=[${MODELS:-20M}]" "micro_batch_sizes=[${MICROS:-16,64}]" \

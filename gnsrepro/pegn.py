@@ -11,6 +11,8 @@ holds (docs/method.md, section 2, "Per-example gradient norms"):
   |G_b|² = ⟨x_b x_bᵀ, dy_b dy_bᵀ⟩_F plus the ordinary dW = dyᵀx. "auto" picks the one with fewer FLOPs
   (gnsrepro.cost.choose_linear_method). 2-D input (B, K): |x_b|²·|dy_b|² (Goodfellow 2015, "Efficient
   per-example gradient computations"), which is the ghost formula at T = 1. Bias: |Σ_t dy_b,t|².
+  Simultaneous's dW and |G_b|² come from the batched matmul (linear backend "torch") or from the Triton
+  kernel gnsrepro.kernels.per_example_grad (backend "triton", gns.linear_backend), which never writes G_b.
 - LayerNorm: dγ_b = Σ_t dy ⊙ x̂, dβ_b = Σ_t dy, reduced over T before squaring; in plain PyTorch here
   or fused into the Triton kernel gnsrepro.kernels.layer_norm.layer_norm_per_example.
 - Embedding: g_b adds dy_b,t into row id_b,t, so rows hit twice must be summed before squaring; done
@@ -68,6 +70,7 @@ AUTO_CHUNK_BYTES = 256 * 2**20
 
 LINEAR_METHODS = ("auto", "simultaneous", "ghost")
 LN_BACKENDS = ("torch", "triton")
+LINEAR_BACKENDS = ("torch", "triton")  # the simultaneous method's dW and norms (_weight_grad_and_sqnorms)
 MODES = ("all", "ln")
 
 
@@ -133,19 +136,37 @@ def _resolve_method(method: str, T: int, K: int, L: int) -> str:
     return choose_linear_method(T, K, L)
 
 
+def _uses_triton_weight_grad(x: torch.Tensor, dy: torch.Tensor, method: str, backend: str) -> bool:
+    """Whether the simultaneous method runs gnsrepro.kernels.per_example_grad (backend "triton"): for fp32 /
+    bf16 / fp16 inputs of one dtype; float64 (the exact tests) stays on the PyTorch path."""
+    if method != "simultaneous" or backend != "triton":
+        return False  # (and Triton is not imported)
+    from gnsrepro.kernels.per_example_grad import KERNEL_DTYPES
+
+    return x.dtype == dy.dtype and x.dtype in KERNEL_DTYPES
+
+
 def _weight_grad_and_sqnorms(
-    x: torch.Tensor, dy: torch.Tensor, method: str, chunk_size: int, ids: torch.Tensor | None = None
+    x: torch.Tensor, dy: torch.Tensor, method: str, chunk_size: int, ids: torch.Tensor | None = None,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """dW = Σ_b dy_bᵀ x_b (L, K), |G_b|² (B,), both in fp32/fp64, for x (B, T, K) and dy (B, T, L).
 
     With ids (B, T) (the tied output head) also rows (B, T, K): rows[b, t] = G_b[ids[b, t]], the head
     gradient's rows at the example's own token ids, which the embedding's cross term needs.
-    Examples are processed in chunks so the transient per-example tensor stays bounded.
+    Examples are processed in chunks so the transient per-example tensor stays bounded. backend "triton"
+    (method simultaneous): dW and |G_b|² from the Triton kernel, which never materialises G_b
+    (gnsrepro.kernels.per_example_grad), and the rows as the ghost branch gets them, Aᵀ x_b.
     """
     B, T, K = x.shape
     L = dy.shape[-1]
     acc = _acc_dtype(x)
     elem = torch.finfo(acc).bits // 8
+    if _uses_triton_weight_grad(x, dy, method, backend):
+        from gnsrepro.kernels.per_example_grad import weight_grad_and_sqnorms
+
+        dW, sq = weight_grad_and_sqnorms(x, dy)
+        return dW, sq, (_head_rows(x, dy, ids, chunk_size) if ids is not None else None)
     simultaneous = method == "simultaneous"
     c = _chunk(chunk_size, (L * K if simultaneous else 2 * T * T) * elem)
     sq, rows, dW = [], [], None
@@ -162,12 +183,24 @@ def _weight_grad_and_sqnorms(
             gram_dy = _matmul_acc(dyc, dyc.transpose(1, 2), acc)
             sq.append((gram_x * gram_dy).sum((1, 2)))
             if ids is not None:
-                # G_b[id_t] = Σ_t' dy_b,t'[id_t] · x_b,t', i.e. Aᵀ x with A[t', t] = dy_b,t'[id_b,t]
-                A = dyc.gather(2, ids[s : s + c, None, :].expand(-1, T, -1))  # (c, T', T)
-                rows.append(_matmul_acc(A.transpose(1, 2), xc, acc))
+                rows.append(_head_rows(xc, dyc, ids[s : s + c], c))
     if not simultaneous:
         dW = _matmul_acc(dy.reshape(-1, L).t(), x.reshape(-1, K), acc)
     return dW, torch.cat(sq), (torch.cat(rows) if ids is not None else None)
+
+
+def _head_rows(x: torch.Tensor, dy: torch.Tensor, ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """rows (B, T, K) in fp32/fp64, rows[b, t] = G_b[ids[b, t]] with G_b = dy_bᵀ x_b, without G_b: row i of G_b is
+    Σ_t' dy_b,t'[i] · x_b,t', so rows_b = A_bᵀ x_b with A_b[t', t] = dy_b,t'[ids_b,t], a (T, T) gather of dy and
+    an O(T²·K) matmul per example. Chunks of examples bound the transient (c, T, T) tensor as for ghost."""
+    B, T, K = x.shape
+    acc = _acc_dtype(x)
+    c = _chunk(chunk_size, 2 * T * T * (torch.finfo(acc).bits // 8))
+    rows = []
+    for s in range(0, B, c):
+        A = dy[s : s + c].gather(2, ids[s : s + c, None, :].expand(-1, T, -1))  # (c, T', T)
+        rows.append(_matmul_acc(A.transpose(1, 2), x[s : s + c], acc))
+    return torch.cat(rows)
 
 
 def _embedding_grad_and_sqnorms(
@@ -203,11 +236,11 @@ def _embedding_grad_and_sqnorms(
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, sink, method: str, chunk_size: int):
+    def forward(ctx, x, weight, bias, sink, method: str, chunk_size: int, backend: str):
         dtype = _compute_dtype(x)
         xc, wc = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(xc, wc)
-        ctx.method, ctx.chunk_size, ctx.x_dtype = method, chunk_size, x.dtype
+        ctx.method, ctx.chunk_size, ctx.backend, ctx.x_dtype = method, chunk_size, backend, x.dtype
         ctx.has_bias = bias is not None
         return F.linear(xc, wc, None if bias is None else bias.to(dtype))
 
@@ -217,14 +250,14 @@ class _LinearFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         B, K, L = x.shape[0], x.shape[-1], dy.shape[-1]
         x3, dy3 = x.reshape(B, -1, K), dy.reshape(B, -1, L)  # (B, T, K), (B, T, L); T = 1 for 2-D
-        dW, sq_w, _ = _weight_grad_and_sqnorms(x3, dy3, ctx.method, ctx.chunk_size)
+        dW, sq_w, _ = _weight_grad_and_sqnorms(x3, dy3, ctx.method, ctx.chunk_size, backend=ctx.backend)
         columns, db = [sq_w], None
         if ctx.has_bias:
             db_b = dy3.sum(1, dtype=dW.dtype)  # (B, L) per-example bias gradients
             columns.append(db_b.square().sum(1))
             db = db_b.sum(0)
         dx = (dy @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return dx, dW, db, torch.stack(columns, 1), None, None
+        return dx, dW, db, torch.stack(columns, 1), None, None, None
 
 
 class _LayerNormFn(torch.autograd.Function):
@@ -306,11 +339,11 @@ class _TiedHeadFn(torch.autograd.Function):
     H_b[id_b,t] to the embedding's backward as the gradients of the carriers it took as inputs."""
 
     @staticmethod
-    def forward(ctx, x, weight, ids, rows_carrier, head_sq_carrier, method: str, chunk_size: int):
+    def forward(ctx, x, weight, ids, rows_carrier, head_sq_carrier, method: str, chunk_size: int, backend: str):
         dtype = _compute_dtype(x)
         xc, wc = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(xc, wc, ids)
-        ctx.method, ctx.chunk_size, ctx.x_dtype = method, chunk_size, x.dtype
+        ctx.method, ctx.chunk_size, ctx.backend, ctx.x_dtype = method, chunk_size, backend, x.dtype
         return F.linear(xc, wc)
 
     @staticmethod
@@ -319,9 +352,10 @@ class _TiedHeadFn(torch.autograd.Function):
         x, w, ids = ctx.saved_tensors
         B, d, V = x.shape[0], x.shape[-1], w.shape[0]
         x3, dy3 = x.reshape(B, -1, d), dlogits.reshape(B, -1, V)
-        dW, sq, rows = _weight_grad_and_sqnorms(x3, dy3, ctx.method, ctx.chunk_size, ids=ids.reshape(B, -1))
+        dW, sq, rows = _weight_grad_and_sqnorms(x3, dy3, ctx.method, ctx.chunk_size, ids=ids.reshape(B, -1),
+                                                backend=ctx.backend)
         dx = (dlogits @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return dx, dW, None, rows.reshape(*ids.shape, d), sq, None, None
+        return dx, dW, None, rows.reshape(*ids.shape, d), sq, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,20 +391,22 @@ class PerExampleLinear(_SinkOwner, nn.Linear):
     """nn.Linear whose backward also returns per-example |dW_b|², |db_b|² (see the module docstring).
 
     method: "simultaneous" | "ghost" | "auto" for a 3-D input; chunk_size: examples per batched matmul,
-    0 = automatic (the transient tensor bounded by AUTO_CHUNK_BYTES).
+    0 = automatic (the transient tensor bounded by AUTO_CHUNK_BYTES); backend: the simultaneous method's
+    "torch" (batched matmul) or "triton" (gnsrepro.kernels.per_example_grad, no per-example tensor).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, method: str = "auto",
-                 chunk_size: int = 0, **factory_kwargs):
+                 chunk_size: int = 0, backend: str = "torch", **factory_kwargs):
         super().__init__(in_features, out_features, bias=bias, **factory_kwargs)
         self.method, self.chunk_size = _check_choice("method", method, LINEAR_METHODS), chunk_size
+        self.backend = _check_choice("linear_backend", backend, LINEAR_BACKENDS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or not self._use_sink(x.shape[0]):
             return super().forward(x)
         T = x[0].numel() // self.in_features
         method = _resolve_method(self.method, T, self.in_features, self.out_features)
-        return _LinearFn.apply(x, self.weight, self.bias, self.sink, method, self.chunk_size)
+        return _LinearFn.apply(x, self.weight, self.bias, self.sink, method, self.chunk_size, self.backend)
 
 
 class PerExampleEmbedding(_SinkOwner, nn.Embedding):
@@ -406,9 +442,11 @@ class PerExampleTiedEmbedding(_SinkOwner, TiedEmbedding):
     shapes differ (inference on x[:, [-1]]), or under torch.no_grad.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, method: str = "auto", chunk_size: int = 0):
+    def __init__(self, num_embeddings: int, embedding_dim: int, method: str = "auto", chunk_size: int = 0,
+                 backend: str = "torch"):
         super().__init__(num_embeddings, embedding_dim)
         self.method, self.chunk_size = _check_choice("method", method, LINEAR_METHODS), chunk_size
+        self.backend = _check_choice("linear_backend", backend, LINEAR_BACKENDS)  # the head's, as PerExampleLinear's
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -426,7 +464,7 @@ class PerExampleTiedEmbedding(_SinkOwner, TiedEmbedding):
         idx, rows, head_sq = pending
         T = x[0].numel() // x.shape[-1]
         method = _resolve_method(self.method, T, self.weight.shape[1], self.weight.shape[0])
-        return _TiedHeadFn.apply(x, self.weight, idx, rows, head_sq, method, self.chunk_size)
+        return _TiedHeadFn.apply(x, self.weight, idx, rows, head_sq, method, self.chunk_size, self.backend)
 
 
 class PerExampleLayerNorm(_SinkOwner, LayerNorm):
@@ -474,18 +512,21 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 
 def instrumented_layers(mode: str = "all", method: str = "auto", ln_backend: str = "torch",
-                        chunk_size: int = 0) -> Layers:
-    """The layer classes for GPT(config, layers=...): every layer type ("all") or LayerNorm only ("ln")."""
+                        chunk_size: int = 0, linear_backend: str = "torch") -> Layers:
+    """The layer classes for GPT(config, layers=...): every layer type ("all") or LayerNorm only ("ln").
+    linear_backend: the simultaneous method's backend in the Linear layers and the tied head (torch | triton)."""
     _check_choice("mode", mode, MODES)
     _check_choice("method", method, LINEAR_METHODS)
+    _check_choice("linear_backend", linear_backend, LINEAR_BACKENDS)
     layer_norm = functools.partial(PerExampleLayerNorm, backend=_check_choice("ln_backend", ln_backend, LN_BACKENDS))
     if mode == "ln":
         return Layers(layer_norm=layer_norm)
+    linear = dict(method=method, chunk_size=chunk_size, backend=linear_backend)
     return Layers(
-        linear=functools.partial(PerExampleLinear, method=method, chunk_size=chunk_size),
+        linear=functools.partial(PerExampleLinear, **linear),
         layer_norm=layer_norm,
         embedding=PerExampleEmbedding,
-        tied_embedding=functools.partial(PerExampleTiedEmbedding, method=method, chunk_size=chunk_size),
+        tied_embedding=functools.partial(PerExampleTiedEmbedding, **linear),
     )
 
 

@@ -27,6 +27,7 @@ DATA_NAMES = ("pycode", "openwebtext", "textdir")
 GNS_MODES = ("off", "ln", "all")
 LINEAR_METHODS = ("auto", "simultaneous", "ghost")
 LN_BACKENDS = ("auto", "torch", "triton")
+LINEAR_BACKENDS = ("torch", "triton")
 DTYPE_NAMES = ("float32", "bfloat16")
 
 
@@ -90,6 +91,8 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
     need(g.method in LINEAR_METHODS, f"gns.method={g.method!r} is not known; accepted: {', '.join(LINEAR_METHODS)}")
     need(g.ln_backend in LN_BACKENDS,
          f"gns.ln_backend={g.ln_backend!r} is not known; accepted: {', '.join(LN_BACKENDS)}")
+    need(g.linear_backend in LINEAR_BACKENDS,
+         f"gns.linear_backend={g.linear_backend!r} is not known; accepted: {', '.join(LINEAR_BACKENDS)}")
     need(g.mode == "off" or s.batch_size >= 2 or s.name != "constant",
          f"gns={g.mode} needs schedule.batch_size >= 2 (got {s.batch_size}): the GNS compares the gradients of "
          "smaller batches within each step's batch")
@@ -99,6 +102,9 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
     need(g.mode == "off" or g.ln_backend != "triton" or not on_cpu or os.environ.get("TRITON_INTERPRET") == "1",
          "gns.ln_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow CPU interpreter); "
          "use gns.ln_backend=auto or torch on a CPU")
+    need(g.mode != "all" or g.linear_backend != "triton" or not on_cpu or os.environ.get("TRITON_INTERPRET") == "1",
+         "gns.linear_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow CPU interpreter); "
+         "use gns.linear_backend=torch on a CPU")
     need(m.loss_kernel != "triton" or not on_cpu or os.environ.get("TRITON_INTERPRET") == "1",
          "model.loss_kernel=triton needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow CPU interpreter); "
          "use model.loss_kernel=auto or torch on a CPU")
@@ -174,7 +180,8 @@ FIXED_ON_RESUME = ("model", "data.name", "data.path", "data.max_bytes", "data.va
                    "data.vocab_limit", "seq_len", "gns.mode", "gns.per_layer")
 QUIET_ON_RESUME = ("max_steps", "max_tokens", "eval_interval", "log_interval", "checkpoint_interval", "compile",
                    "device", "prepare_missing", "resume", "out_dir", "run_name", "data.data_dir", "data.num_proc",
-                   "gns.ema_alpha", "gns.outlier_guard", "gns.ln_backend", "gns.method", "gns.chunk_size")
+                   "gns.ema_alpha", "gns.outlier_guard", "gns.ln_backend", "gns.method", "gns.chunk_size",
+                   "gns.linear_backend")
 # where the run lives: always the run's own (a default run_name is the start time, new at every command)
 KEPT_ON_RESUME = ("run_name", "out_dir")
 # once the GNS drives the batch, the schedule and the smoothing that feeds it define the experiment
