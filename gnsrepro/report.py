@@ -67,6 +67,8 @@ def _seed_savings(reference: dict, other: dict, seeds: list) -> dict:
            for key in ("tokens_saved", "steps_saved", "time_saved")}
     out["p"] = float(summary.loc["tokens_saved_pct", "p_value"])
     out["seeds"] = len(seeds)
+    # seeds whose schedule never reached the fixed run's final loss: no saving exists there (it ended worse)
+    out["not_reached"] = int(summary.loc["tokens_saved_pct", "n_undefined"])
     return out
 
 
@@ -228,8 +230,14 @@ def _schedule_rows(value: dict) -> list[tuple[str, str, str]]:
     """The rows of claim 4 from `schedule_numbers`: each schedule against the reference fixed batch and, when the
     fixed batch was swept, against the best one, and what the fixed batches were."""
     def savings(v: dict) -> str:
-        return (f"tokens {_fmt_pct(*v['tokens_saved'])} saved (p = {v['p']:.3g}); steps "
+        missed = v.get("not_reached", 0)
+        if missed == v["seeds"]:
+            return (f"none: at no seed did the schedule reach that fixed batch's final loss within the token budget "
+                    f"(it ended worse; {missed} of {v['seeds']} seeds)")
+        text = (f"tokens {_fmt_pct(*v['tokens_saved'])} saved (p = {v['p']:.3g}); steps "
                 f"{_fmt_pct(*v['steps_saved'])}; wall time {_fmt_pct(*v['time_saved'])}")
+        return text + (f"; {missed} of {v['seeds']} seeds never reached its final loss (left out of the mean; no "
+                       "p-value)" if missed else "")
 
     sweep = value.get("fixed_sweep", {})
     swept, reference = sweep.get("swept", False), sweep.get("reference")

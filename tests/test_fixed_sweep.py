@@ -331,3 +331,27 @@ def test_the_small_plan_runs_the_sweep_where_its_figure_and_report_find_it():
     assert "run=outputs/schedule/small/*-seed*" in figure.command  # every arm, constant-b<B>-seed<s> too
     assert plan.report.schedule_runs == "outputs/schedule/small"
     assert "swept over 16-128" in plan.gives_up
+
+
+def test_a_schedule_that_never_reaches_the_best_fixed_batchs_loss_is_reported_as_no_saving():
+    """At the tiny scale the smallest fixed batch is the best and no schedule reaches its final loss: the report
+    says so instead of printing an undefined percentage."""
+    from gnsrepro.report import _schedule_rows
+
+    nan = float("nan")
+    reached = {"tokens_saved": (30.0, 2.0), "steps_saved": (-5.0, 1.0), "time_saved": (20.0, 3.0), "p": 0.01,
+               "seeds": 3, "not_reached": 0}
+    never = {"tokens_saved": (nan, nan), "steps_saved": (nan, nan), "time_saved": (nan, nan), "p": nan, "seeds": 3,
+             "not_reached": 3, "batch": 4}
+    partly = {**reached, "p": nan, "not_reached": 1, "batch": 4}
+    sweep = {"swept": True, "reference": 16, "best": 4, "budget_tokens": 1000.0, "note": "",
+             "batches": {4: {"final_loss": 2.7, "seeds": [0, 1, 2]}, 16: {"final_loss": 3.2, "seeds": [0, 1, 2]}}}
+    rows = dict((what, text) for what, text, _ in _schedule_rows(
+        {"linear": reached, "linear_vs_best": never, "gns": reached, "gns_vs_best": partly, "fixed_sweep": sweep}))
+    assert rows["Claim 4: linear schedule against the fixed batch 16 (the reference), at its final loss (3 seeds)"] \
+        .startswith("tokens 30.0 +- 2.0 % saved (p = 0.01)")
+    assert rows["Claim 4: linear schedule against the best fixed batch, 4, at its final loss (3 seeds)"] == (
+        "none: at no seed did the schedule reach that fixed batch's final loss within the token budget (it ended "
+        "worse; 3 of 3 seeds)")
+    assert rows["Claim 4: gns schedule against the best fixed batch, 4, at its final loss (3 seeds)"].endswith(
+        "; 1 of 3 seeds never reached its final loss (left out of the mean; no p-value)")
