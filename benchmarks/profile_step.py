@@ -16,17 +16,15 @@ import gc
 import re
 import statistics
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from gnsrepro.config import GNSConfig, ModelConfig, OptimConfig
+from gnsrepro.config import GNSConfig, ModelConfig, OptimConfig, named_model
 from gnsrepro.train import build_step
 from gnsrepro.train import step as train_step
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = {  # name: (gns.mode, gns.method, gns.ln_backend)
     "off": ("off", "auto", "auto"),
     "ln_torch": ("ln", "auto", "torch"),
@@ -45,8 +43,7 @@ KINDS = [  # (kind, regex on the kernel name), first match wins
 
 
 def model_config(name: str) -> ModelConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                               OmegaConf.load(CONF / "model" / f"{name}.yaml")))
+    return OmegaConf.to_object(named_model(name, setting="--situations"))
 
 
 def kind(name: str) -> str:

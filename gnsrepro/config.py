@@ -33,6 +33,24 @@ class ModelConfig:
     loss_kernel: str = "torch"
 
 
+def named_model(name: str, setting: str = "model") -> Any:
+    """conf/model/<name>.yaml as a ModelConfig (an OmegaConf structured config), read directly rather than
+    composed: the commands that need several models (bench overhead models=..., the report's cost numbers) run
+    inside a Hydra app, where hydra.compose cannot start. An unknown name is a ConfigError naming `setting`."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from gnsrepro.cli import conf_dir
+    from gnsrepro.errors import ConfigError
+
+    path = Path(conf_dir()) / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"{setting}={name} is not known (no conf/model/{name}.yaml); accepted: {', '.join(known)}")
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+
+
 @dataclass
 class DataConfig:
     """A corpus and where its prepared token files live (data_dir/name/{train,val}.bin)."""

@@ -174,13 +174,15 @@ class GPTConfig:
     bias: bool = True
     cosine_attn_blocks: tuple[int, ...] = field(default_factory=tuple)
     attention: str = "sdpa"  # ATTENTIONS: sdpa (F.scaled_dot_product_attention: flash on a GPU) | math (written out)
-    # LOSS_KERNELS: torch (F.cross_entropy) | triton (gnsrepro.kernels.cross_entropy) | auto (triton on CUDA)
+    # LOSS_KERNELS: torch (F.cross_entropy) | triton (gnsrepro.kernels.cross_entropy) | auto (triton in eager CUDA)
     loss_kernel: str = "torch"
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, layers: Layers = Layers()):
         super().__init__()
+        if config.loss_kernel not in LOSS_KERNELS:
+            raise ValueError(f"loss_kernel={config.loss_kernel!r} is not known; accepted: {', '.join(LOSS_KERNELS)}")
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
@@ -232,16 +234,15 @@ class GPT(nn.Module):
         logits = self.transformer.wte.unembed(x)
         # mean over all B*T tokens: example b's gradient is that of its own mean token loss, over B
         kernel = self.config.loss_kernel
-        if kernel not in LOSS_KERNELS:
-            raise ValueError(f"loss_kernel={kernel!r} is not known; accepted: {', '.join(LOSS_KERNELS)}")
         # auto: the kernels in eager CUDA runs only: compiled, inductor's own two loss kernels were as fast as the
         # earlier one-kernel design (H200, (16·1024, 50304) bf16: 2.26 ms against 2.33; eagerly F.cross_entropy
         # takes 10.7 ms); the two-kernel design, which inductor cannot slow by a scaling pass, is not timed yet
         if kernel == "triton" or (kernel == "auto" and logits.is_cuda and not torch.compiler.is_compiling()):
             from gnsrepro.kernels.cross_entropy import cross_entropy
 
-            # the same value and gradient from one fused kernel; the gradient overwrites the logits when they
-            # are not returned (float64 and CPU logits without TRITON_INTERPRET go to F.cross_entropy)
+            # the same value and gradient from two fused kernels (loss and log-sum-exp; the gradient); it overwrites
+            # the logits when they are not returned (float64 and CPU logits without TRITON_INTERPRET go to
+            # F.cross_entropy)
             loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                  inplace=not return_logits)
             return (logits if return_logits else None), loss

@@ -141,16 +141,10 @@ def kernel_numbers(table: str | os.PathLike) -> dict:
 
 def cost_numbers(model: str, seq_len: int) -> dict:
     """Claim 1: the methods' extra FLOPs as a fraction of the model's forward+backward (gnsrepro.cost)."""
-    from omegaconf import OmegaConf
-
-    from gnsrepro.cli import conf_dir
-    from gnsrepro.config import ModelConfig
+    from gnsrepro.config import named_model
     from gnsrepro.cost import _gpt_config, model_costs
 
-    # the model's yaml read directly: the report runs inside a Hydra app, where hydra.compose cannot start
-    yaml = OmegaConf.load(Path(conf_dir()) / "model" / f"{model}.yaml")
-    shape = OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml)
-    costs = model_costs(_gpt_config(shape), seq_len)
+    costs = model_costs(_gpt_config(named_model(model, setting="cost_model")), seq_len)
     return {m: float(costs.loc[m, "extra_flops_fraction"]) for m in ("simultaneous", "ghost", "layernorm_only")}
 
 

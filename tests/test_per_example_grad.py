@@ -260,19 +260,11 @@ def test_bad_linear_backend_is_a_one_line_config_error(monkeypatch):
 # ---- GPU: the real shapes ----------------------------------------------------------------------------------
 
 
-def _time_ms(fn, reps: int = 20) -> float:
-    """Median device time of fn() over reps calls, CUDA events, after warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def _time_ms(fn) -> float:
+    """Median device time of fn() in ms over 20 calls after 3 warm-up calls (CUDA events)."""
+    from gnsrepro.benchmarks.layernorm import time_us
+
+    return time_us(fn, warmup=3, steps=20) / 1e3
 
 
 @pytest.mark.gpu

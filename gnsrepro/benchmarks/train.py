@@ -48,7 +48,6 @@ import math
 import statistics
 import time
 from datetime import date, datetime, timezone
-from pathlib import Path
 
 import torch
 
@@ -164,18 +163,10 @@ def bench_train(cfg) -> dict:
 
 
 def model_config(name: str):
-    """conf/model/<name>.yaml as a ModelConfig, read directly as gnsrepro.report.cost_numbers does (the bench
-    runs inside a Hydra app, where hydra.compose cannot start)."""
-    from omegaconf import OmegaConf
+    """conf/model/<name>.yaml as a ModelConfig (gnsrepro.config.named_model), an unknown one named as models=."""
+    from gnsrepro.config import named_model
 
-    from gnsrepro.cli import conf_dir
-    from gnsrepro.config import ModelConfig
-
-    path = Path(conf_dir()) / "model" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"models={name} is not known (no conf/model/{name}.yaml); accepted: {', '.join(known)}")
-    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    return named_model(name, setting="models")
 
 
 def situations(cfg) -> list:
