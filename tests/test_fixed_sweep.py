@@ -269,6 +269,27 @@ def test_figure_draws_every_fixed_arm_and_the_savings_against_the_reference(tmp_
     assert len(dashed) == 6  # two fixed arms x three seeds
 
 
+def test_figure_orders_fixed_arms_by_batch_and_marks_a_reference_that_is_not_the_largest(tmp_path, monkeypatch):
+    """Runs given out of batch order (64, 16, 32, as a glob of constant-b<B>-seed<s> can give them): the
+    fixed arms are drawn smallest batch first; the reference (32) is black and solid, the others grey and dashed."""
+    module = importlib.import_module("gnsrepro.figures.schedule")
+    drawn = []
+    save = module.save
+    monkeypatch.setattr(module, "save", lambda fig, out, values: drawn.append(fig) or save(fig, out, values))
+    runs = write_runs(tmp_path / "runs", fixed_seeds={64: SEEDS, 16: SEEDS, 32: SEEDS}, schedules=("linear",))
+    schedule(runs, tmp_path / "schedule", reference=32)
+    values = pd.read_parquet(tmp_path / "schedule.parquet")
+    assert list(dict.fromkeys(values["arm"])) == ["constant-b16", "constant-b32", "constant-b64", "linear"]
+    (fig,) = drawn
+    lines = {line.get_label().split(" (")[0]: line for line in fig.axes[0].get_lines()}
+    reference, others = lines["fixed 32"], [lines["fixed 16"], lines["fixed 64"]]
+    assert matplotlib.colors.to_rgb(reference.get_color()) == (0.0, 0.0, 0.0) and reference.get_linestyle() == "-"
+    for line in others:
+        rgb = matplotlib.colors.to_rgb(line.get_color())
+        assert rgb[0] == rgb[1] == rgb[2] > 0.0 and line.get_linestyle() == "--"
+    assert "fixed 32 (reference)" in [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+
+
 def test_figure_reference_option_reaches_the_figure_from_the_command_line(tmp_path):
     runs = write_runs(tmp_path / "runs", schedules=("linear",))
     register_configs()

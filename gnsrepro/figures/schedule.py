@@ -54,13 +54,18 @@ def group_arms(runs) -> dict[str, dict[int, object]]:
     return arms
 
 
-def arm_styles(configs) -> tuple[dict[str, str], dict[str, object]]:
+def arm_styles(configs, reference_arm: str | None = None) -> tuple[dict[str, str], dict[str, object]]:
     """(labels, colours) of the arms of these runs' configs: ARM_LABELS and ARM_COLOURS, and for a swept fixed
-    batch "fixed B" in shades of grey, the largest batch black."""
+    batch "fixed B": the reference black (by default the largest batch), the others lighter greys, darker as the
+    batch grows."""
     labels, colours = dict(ARM_LABELS), dict(ARM_COLOURS)
     fixed = {arm: b for arm, b in fixed_arm_batches(configs).items() if arm != REFERENCE_ARM}
-    for shade, (arm, batch) in zip(np.linspace(0.7, 0.0, len(fixed)), fixed.items()):
-        labels[arm], colours[arm] = f"fixed {batch}", str(round(float(shade), 3))
+    reference_arm = reference_arm if reference_arm in fixed else next(reversed(fixed), None)
+    others = [arm for arm in fixed if arm != reference_arm]
+    for shade, arm in zip(np.linspace(0.75, 0.35, len(others)), others):
+        labels[arm], colours[arm] = f"fixed {fixed[arm]}", str(round(float(shade), 3))
+    if reference_arm is not None:
+        labels[reference_arm], colours[reference_arm] = f"fixed {fixed[reference_arm]}", "0.0"
     return labels, colours
 
 
@@ -132,16 +137,18 @@ def draw_schedule(loss: pd.DataFrame, batch: pd.DataFrame, levels: pd.DataFrame 
         colour, label = colours.get(arm), labels.get(arm, arm)
         a = loss[loss["arm"] == arm]
         seeds = int(a["n_seeds"].iloc[0])
-        loss_ax.plot(a["tokens"], a["mean"], color=colour, lw=1.2,
+        style = "--" if arm in fixed_arms else "-"  # fixed batches other than the reference
+        loss_ax.plot(a["tokens"], a["mean"], color=colour, lw=1.2, ls=style,
                      label=f"{label} ({seeds} seed{'s' if seeds > 1 else ''}: mean, min-max)")
         loss_ax.fill_between(a["tokens"], a["min"], a["max"], color=colour, alpha=0.2, lw=0)
         b = batch[batch["arm"] == arm]
-        batch_ax.plot(b["tokens"], b["mean"], color=colour, lw=1.4, label=label)
+        batch_ax.plot(b["tokens"], b["mean"], color=colour, lw=1.4, ls=style, label=label)
         batch_ax.fill_between(b["tokens"], b["min"], b["max"], color=colour, alpha=0.2, lw=0)
     loss_ax.set_yscale("log")
     readable_log_axis(loss_ax.yaxis)
     loss_ax.set_ylabel("training loss (nats/token)")
     loss_ax.set_title("loss against tokens (per step, as logged)", fontsize=10)
+    batch_ax.set_ylim(0, 1.45 * float(batch["max"].max()))  # room above the largest batch for the legend
     batch_ax.set_ylabel("batch size (sequences per step)")
     batch_ax.set_title("batch size used", fontsize=10)
     for ax in (loss_ax, batch_ax):
@@ -198,9 +205,10 @@ def schedule(run_dirs, out: str | os.PathLike, reference: int | None = None) -> 
         raise ConfigError("figure=schedule needs run directories: run=[DIR1,DIR2,...]")
     configs = [run.config for run in runs]
     reference_arm = reference_fixed_arm(configs, reference)
-    arms = group_arms(runs)
-    labels, colours = arm_styles(configs)
-    fixed = fixed_arm_batches(configs)
+    fixed = fixed_arm_batches(configs)  # smallest batch first
+    grouped = group_arms(runs)
+    arms = {arm: grouped[arm] for arm in [*fixed, *grouped] if arm in grouped}  # the fixed arms by batch, then the rest
+    labels, colours = arm_styles(configs, reference_arm)
     loss, batch = arm_curves(arms, "loss"), arm_curves(arms, "batch_size")
     levels = finals = None
     if reference_arm is not None and len(arms) > 1:
