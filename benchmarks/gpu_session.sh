@@ -49,15 +49,17 @@ print(d[d.step == d.step.max()].to_string(index=False))" ;;
                run python3 -m gnsrepro plot figure=schedule "run=[$(ls -d outputs/schedule/small/*-seed* | paste -sd,)]" \
                  out=$OUT/schedule
                tar czf "$OUT/schedule_runs.tar.gz" --exclude=ckpt.pt outputs/schedule/small ;;
-    reproduce) # parts of the small plan (PARTS="correlation schedule0"), each at most 10 minutes; their small files (no
-               # checkpoints) come back as one tarball, status-<parts>.json in it: extract it at the repository root,
-               # then `gnsrepro reproduce plan=small part=figures` and `part=report` here (figures read parquet only)
-               tag=$(echo ${PARTS:?} | tr ' ' -)
-               for p in $PARTS; do run python3 -m gnsrepro reproduce plan=small part=$p; done
-               mv outputs/reproduce/small/status.json "outputs/reproduce/small/status-$tag.json"
-               tar czf "$OUT/small-$tag.tar.gz" --exclude=ckpt.pt --exclude='*.tmp' --exclude='.hydra' \
-                 $(ls -d outputs/reproduce/small outputs/schedule/small outputs/ratio/small outputs/lrsweep/small \
-                   outputs/variance/small outputs/flashattn/small 2>/dev/null) ;;
+    reproduce) # parts of the small plan (PARTS="correlation schedule0"), each at most 10 minutes; after each part the
+               # small files so far (no checkpoints) come back as a tarball, status-<part>.json in it, so a call
+               # cut short keeps the parts it finished: extract them at the repository root, then
+               # `gnsrepro reproduce plan=small part=figures` and `part=report` here (figures read parquet only)
+               for p in ${PARTS:?}; do
+                 run python3 -m gnsrepro reproduce plan=small part=$p
+                 mv outputs/reproduce/small/status.json "outputs/reproduce/small/status-$p.json"
+                 tar czf "$OUT/small-$p.tar.gz" --exclude=ckpt.pt --exclude='*.tmp' --exclude='.hydra' \
+                   $(ls -d outputs/reproduce/small outputs/schedule/small outputs/ratio/small outputs/lrsweep/small \
+                     outputs/variance/small outputs/flashattn/small 2>/dev/null)
+               done ;;
     graphs)    run python3 -m pytest -q -s -m gpu tests/test_cuda_graphs.py tests/test_cross_entropy.py tests/test_per_example_grad.py ;;
     overheads) # the overhead table over models and micro-batches, interleaved per situation (MODELS=20M,111M MICROS=8,16,64
                # GRAPHS=true|false); record=true writes the LayerNorm backend rows auto reads
