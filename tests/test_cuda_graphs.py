@@ -144,7 +144,12 @@ def test_a_training_run_with_cuda_graphs_matches_one_without_and_resumes(data_di
         r = runs[name]
         assert list(r["step"]) == list(eager["step"]) and list(r["batch_size"]) == list(eager["batch_size"]), name
         diff = (r["loss"] - eager["loss"]).abs().max()
-        assert diff <= 10 * spread + 1e-5, f"{name}: loss differs by {diff:.3g}, eager from itself by {spread:.3g}"
+        # the captured AdamW is capturable (bias corrections from a device step count in float32, the eager one's
+        # from a Python float), a rounding difference that training carries on: 3e-4 after 15 steps on an H200,
+        # where the eager run repeats itself exactly. A replay with a stale rate or stale inputs would move it far
+        # more: the loss falls about 0.15 a step here, and the rate changes by 5-10% a step.
+        assert diff <= 10 * spread + 1e-4 * eager["loss"].abs().max(), \
+            f"{name}: loss differs by {diff:.3g}, eager from itself by {spread:.3g}"
         assert r["val_loss"].notna().sum() == eager["val_loss"].notna().sum()
 
 
