@@ -213,6 +213,9 @@ class SweepConfig:
     skip_fraction: float = 0.1  # share of the first steps left out of every statistic (initialisation)
     diff_every: Optional[int] = None  # detrended r: steps between evaluation points; None = about 32 points
     out: Optional[str] = None  # one parquet for all runs; default <run>/sweep.parquet for each
+    # only the steps up to this many tokens (a stretch of a run: before an instability, the first epoch); the
+    # default file is then <run>/sweep-until<N>.parquet, beside the whole run's
+    max_tokens: Optional[float] = None
     outlier_guard: bool = True  # clip one-step outliers of each component before smoothing, as training does
 
 

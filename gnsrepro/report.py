@@ -275,25 +275,53 @@ def _environment() -> list[str]:
             f"- code: commit {commit or 'unknown'}{' with uncommitted changes' if dirty else ''}"]
 
 
+def read_findings(path: str | os.PathLike | None) -> tuple[str, dict[str, str]]:
+    """What a person wrote of the measured numbers (the plan's report.findings, a markdown file): the text before
+    its first `## ` heading, said of the numbers as a whole, and {heading: text} for the rest, each heading a
+    figure's name whose text goes under that figure. ("", {}) when the plan names no file or it is not there."""
+    if not path or not Path(path).exists():
+        return "", {}
+    preamble, sections, name = [], {}, None
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("## "):
+            name = line[3:].strip()
+            sections[name] = []
+        elif name is None:
+            preamble.append(line)
+        else:
+            sections[name].append(line)
+    return "\n".join(preamble).strip(), {k: "\n".join(v).strip() for k, v in sections.items()}
+
+
 def write_report(plan, status: dict) -> Path:
     """Write <plan.out_dir>/REPORT.md and return its path."""
     out = Path(plan.out_dir)
     numbers = headline_numbers(plan)
+    findings, by_figure = read_findings(plan.report.get("findings"))
+    unknown = set(by_figure) - {fig.name for fig in plan.figures}
+    if unknown:
+        raise ConfigError(f"{plan.report.findings}: sections {', '.join(sorted(unknown))} name no figure of "
+                          f"plan={plan.name} (figures: {', '.join(fig.name for fig in plan.figures)})")
     lines = [f"# gnsrepro reproduction at the {plan.name} scale", "", plan.get("about", "").strip(), "",
-             *_environment(), "", "## Parts", "", "| part | status | minutes | where, finished (UTC) |",
-             "| --- | --- | --- | --- |"]
+             *_environment(), "", "## Parts", "",
+             "| part | status | minutes | where, finished (UTC) | versions, commit |", "| --- | --- | --- | --- | --- |"]
     for name, entry in status.items():
         failed = entry["status"] == "failed"
         what = entry["status"] + (f": `{entry['command']}` exited {entry['exit']}" if failed else "")
+        code = ", ".join(entry[k] for k in ("versions", "commit") if entry.get(k))
         lines.append(f"| {name} | {what} | {entry['seconds'] / 60:.1f} | {entry.get('device', '')} "
-                     f"{entry.get('finished', '')} |")
+                     f"{entry.get('finished', '')} | {code} |")
     lines += ["", "## Headline numbers", "", "| what | measured here | the paper |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in _rows(numbers)]
+    if findings:
+        lines += ["", "## What the numbers say", "", findings]
     lines += ["", "## Figures", ""]
     for fig in plan.figures:
         png = out / "figures" / f"{fig.name}.png"
         shown = f"![{fig.name}](figures/{fig.name}.png)" if png.exists() else "(not drawn: see the parts above)"
         lines += [f"### {fig.name}", "", fig.caption.strip(), "", shown, "", f"`gnsrepro {fig.command}`", ""]
+        if by_figure.get(fig.name):
+            lines += [by_figure[fig.name], ""]
     if plan.get("gives_up"):
         lines += ["## What this scale gives up", "", plan.gives_up.strip(), ""]
     path = out / "REPORT.md"

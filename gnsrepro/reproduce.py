@@ -6,7 +6,9 @@ its minutes; the figures are one more part, and the report is the last (gnsrepro
 its own process (`python -m gnsrepro ...`), as a user would type it, and is idempotent: training commands pass
 resume=true, so a finished run is skipped and a killed one continues. A part that fails is recorded (status.json)
 and named in the report, and the other parts still run. `part=NAME` runs one part (for a GPU lease of at most
-ten minutes a call); `part=report` only rebuilds the report from what the parts left.
+ten minutes a call); `part=report` only rebuilds the report from what the parts left; `part=publish` copies the
+report, its figures and the small files of every run it read (no checkpoints) to the plan's publish.dir, to be
+committed (the small scale's docs/reproduce/small/), from where they restore into outputs/ to redraw without a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import glob
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +28,10 @@ from omegaconf import OmegaConf
 
 from gnsrepro.errors import ConfigError
 
-SPECIAL_PARTS = ("figures", "report")
+SPECIAL_PARTS = ("figures", "report", "publish")
+# what `part=publish` copies of a run directory: its tables, config, provenance, logs and figures (not checkpoints,
+# not the PDF twins of the PNGs, not Hydra's own .hydra/ folders)
+PUBLISHED_SUFFIXES = (".parquet", ".json", ".yaml", ".md", ".png", ".log", ".csv")
 
 
 def _fmt_minutes(minutes: float) -> str:
@@ -33,13 +39,15 @@ def _fmt_minutes(minutes: float) -> str:
 
 
 def plan_parts(plan) -> list[dict]:
-    """The plan's parts, figures last, as plain dicts: name, minutes, commands (argv lists), why."""
+    """The plan's parts, figures last, as plain dicts: name, minutes, commands (argv lists), why, keep_going (the
+    figures: one figure that cannot be drawn, its runs missing, does not keep the others from being drawn)."""
     parts = []
     for part in [*plan.parts, {"name": "figures", "minutes": plan.figures_minutes,
                                "commands": [f["command"] for f in plan.figures]}]:
         part = OmegaConf.to_container(part) if not isinstance(part, dict) else part
         parts.append({"name": part["name"], "minutes": float(part.get("minutes", 1)),
-                      "commands": [shlex.split(c) for c in part.get("commands", [])], "why": part.get("why", "")})
+                      "commands": [shlex.split(c) for c in part.get("commands", [])], "why": part.get("why", ""),
+                      "keep_going": part["name"] == "figures"})
     return parts
 
 
@@ -75,8 +83,17 @@ class StatusFile:
     def record(self, name: str, **entry) -> None:
         import torch
 
+        from gnsrepro.provenance import code_version
+
         where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-        self.parts[name] = {**entry, "device": where,
+        try:
+            import triton
+            versions = f"torch {torch.__version__}, triton {triton.__version__}"
+        except ImportError:
+            versions = f"torch {torch.__version__}"
+        commit, dirty = code_version()
+        self.parts[name] = {**entry, "device": where, "versions": versions,
+                            "commit": (commit or "unknown")[:12] + (" (uncommitted changes)" if dirty else ""),
                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -106,8 +123,11 @@ def run_reproduce(cfg) -> Path:
     out = Path(plan.out_dir)
     parts = plan_parts(plan)
     names = [p["name"] for p in parts]
-    if cfg.part is not None and cfg.part not in (*names, "report"):
-        raise ConfigError(f"part={cfg.part} is not a part of plan={plan.name}; accepted: {', '.join(names)}, report")
+    if cfg.part is not None and cfg.part not in (*names, "report", "publish"):
+        raise ConfigError(f"part={cfg.part} is not a part of plan={plan.name}; accepted: {', '.join(names)}, report, "
+                          "publish")
+    if cfg.part == "publish":
+        return publish(plan)
     if plan.get("run_here") is False and cfg.part is None and not cfg.force:
         from gnsrepro.report import print_plan
 
@@ -128,9 +148,10 @@ def run_reproduce(cfg) -> Path:
                 log.write(f"+ {line}\n")
                 code, tail = run_command(expand_globs(argv), log)
                 if code != 0:
-                    failed = {"command": line, "exit": code, "output": tail}
+                    failed = failed or {"command": line, "exit": code, "output": tail}  # the first failure
                     print(f"  part {part['name']} failed (exit {code}): {line}", flush=True)
-                    break
+                    if not part["keep_going"]:
+                        break
         seconds = round(time.perf_counter() - t0, 1)
         status.record(part["name"], status="failed" if failed else "ok", seconds=seconds, **(failed or {}))
         left -= part["minutes"]
@@ -139,3 +160,57 @@ def run_reproduce(cfg) -> Path:
     path = write_report(plan, status.parts)
     print(f"report: {path}", flush=True)
     return path
+
+
+def publish(plan) -> Path:
+    """`part=publish`: copy the report, its figures and the small files of the runs it read to plan.publish.dir.
+
+    The copy mirrors the paths under the working directory (publish.inputs, e.g. outputs/schedule/small, lands at
+    <dir>/outputs/schedule/small) and replaces the previous copy whole, so a run left out of the plan does not
+    linger there and come back into a redrawn figure. <dir>/REPORT.md is the report with its figure links pointing
+    into the copy. Refused before anything is touched when the report has not been written. Returns its path.
+    """
+    if not plan.get("publish"):
+        raise ConfigError(f"plan={plan.name} has no publish section (publish.dir, publish.inputs)")
+    report = Path(plan.out_dir) / "REPORT.md"
+    if not report.exists():
+        raise ConfigError(f"part=publish: {report} does not exist; run the parts and `part=report` first")
+    inputs = [Path(i) for i in plan.publish.inputs]
+    for path in inputs:
+        if path.is_absolute() or ".." in path.parts:
+            raise ConfigError(f"publish.inputs: {path} must be a path inside the working directory, as the plan's "
+                              "commands write it (e.g. outputs/schedule/small)")
+    target = Path(plan.publish.dir)
+    staging = target.with_name(target.name + ".publishing")
+    shutil.rmtree(staging, ignore_errors=True)
+    copied = 0
+    for root in inputs:
+        if not root.exists():
+            print(f"  {root}: not there (its part has not run), left out", flush=True)
+            continue
+        for path in sorted(root.rglob("*")):
+            if (path.is_file() and path.suffix in PUBLISHED_SUFFIXES and ".hydra" not in path.parts
+                    and path.name != "REPORT.md.tmp"):
+                dest = staging / path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+                copied += 1
+    out = Path(plan.out_dir).as_posix()
+    text = report.read_text().replace("](figures/", f"]({out}/figures/")
+    restore = (f"Written by `gnsrepro reproduce plan={plan.name}` (then `part=publish`). The tables every figure and "
+               f"number here was made from are under `outputs/` beside this file; to redraw the figures and rewrite "
+               f"the report without a GPU, from the repository root: `mkdir -p outputs && cp -rn {target.as_posix()}/"
+               f"outputs/. outputs/`, then `gnsrepro reproduce plan={plan.name} part=figures` and `part=report`.")
+    head, _, rest = text.partition("\n\n")
+    (staging / "REPORT.md").write_text(f"{head}\n\n{restore}\n\n{rest}")
+    for keep in plan.publish.get("keep", []):  # files written by hand beside the copy (findings.md)
+        if (target / keep).exists():
+            shutil.copy2(target / keep, staging / keep)
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"published {copied} files and REPORT.md to {target}", flush=True)
+    return target / "REPORT.md"

@@ -228,6 +228,9 @@ def run_sweep(cfg) -> dict[str, pd.DataFrame]:
     alphas = _check_alphas(_as_list(cfg.ema_alpha))
     _check_skip_fraction(cfg.skip_fraction)
     _check_diff_every(cfg.diff_every)
+    max_tokens = cfg.get("max_tokens")
+    if max_tokens is not None and not max_tokens > 0:
+        raise ConfigError(f"max_tokens={max_tokens:g} must be a positive number of tokens, or null (the whole run)")
     out = Path(cfg.out).expanduser() if cfg.out else None
     if out is not None and out.is_dir():
         raise ConfigError(f"out={cfg.out} is a directory; give the parquet file to write, "
@@ -237,6 +240,11 @@ def run_sweep(cfg) -> dict[str, pd.DataFrame]:
     selected = {}
     for run, path in zip(runs, paths):
         gns = load_run(path).gns
+        if max_tokens is not None:
+            if not (gns["tokens"] <= max_tokens).any():
+                raise ConfigError(f"max_tokens={max_tokens:g}: run {run} logged no step within it (its first at "
+                                  f"{gns['tokens'].min():,.0f} tokens)")
+            gns = gns[gns["tokens"] <= max_tokens]
         logged_groups, logged_sources = list(dict.fromkeys(gns["group"])), list(dict.fromkeys(gns["source"]))
         for setting, wanted, logged in (("group", wanted_groups, logged_groups),
                                         ("source", wanted_sources, logged_sources),
@@ -255,7 +263,8 @@ def run_sweep(cfg) -> dict[str, pd.DataFrame]:
                                   diff_every=cfg.diff_every, guard=HampelFilter() if cfg.outlier_guard else None)
         tables[run] = table
         n_steps = gns["step"].nunique()
-        print(f"run {run}: {n_steps} steps; GNS of each group against {cfg.reference}'s, the first "
+        until = f" (up to {max_tokens:,.0f} tokens)" if max_tokens is not None else ""
+        print(f"run {run}: {n_steps} steps{until}; GNS of each group against {cfg.reference}'s, the first "
               f"{100 * cfg.skip_fraction:g}% of the steps left out")
         no_reference = [s for s in dict.fromkeys(gns["source"]) if s not in set(table["source"])]
         if no_reference:
@@ -268,7 +277,8 @@ def run_sweep(cfg) -> dict[str, pd.DataFrame]:
               "the log-GNS changes between evaluation points (changes: how many)")
         print(format_table(table) if len(table) else "  (no group to compare)")
         if out is None:
-            target = paths[runs.index(run)] / "sweep.parquet"
+            name = "sweep.parquet" if max_tokens is None else f"sweep-until{max_tokens:.0f}.parquet"
+            target = paths[runs.index(run)] / name
             _write_atomically(table.assign(run=run)[["run", *TABLE_COLUMNS]], target)
             print(f"wrote {target}")
     if out is not None:

@@ -113,3 +113,75 @@ def test_status_merges_the_parts_that_ran_elsewhere_newest_first(tmp_path):
     entry = json.loads((out / "status.json").read_text())["figures"]
     assert entry["device"] and entry["finished"] > gpu["finished"]
     assert set(StatusFile(out / "status.json").parts) == {"correlation", "schedule0", "figures"}
+
+
+def test_a_figure_that_cannot_be_drawn_does_not_keep_the_others_from_being_drawn(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = OmegaConf.create({
+        "name": "test", "out_dir": "rep", "parts": [], "figures_minutes": 0.1,
+        "figures": [{"name": "schedule", "command": "plot figure=schedule run=missing out=rep/figures/schedule",
+                     "caption": "no runs"},
+                    {"name": "cost", "command": "plot figure=cost model=tiny seq_len=64 out=rep/figures/cost",
+                     "caption": "the cost figure"}],
+        "report": {"cost_model": "tiny", "cost_seq_len": 64}})
+    report = run_reproduce(OmegaConf.create({"plan": plan, "part": "figures", "force": False})).read_text()
+    status = json.loads(Path("rep/status.json").read_text())["figures"]
+    assert status["status"] == "failed" and "figure=schedule" in status["command"]
+    assert Path("rep/figures/cost.png").exists() and "![cost](figures/cost.png)" in report
+
+
+def test_publish_copies_the_report_and_the_runs_small_files_and_refuses_without_a_report(tmp_path, monkeypatch):
+    """part=publish: the report (figure links into the copy), the figures and every input run's tables, config and
+    provenance land under publish.dir mirroring their paths; no checkpoint, PDF or .hydra/ file; a hand-written
+    file named in keep survives; a run dropped from the outputs is dropped from the copy."""
+    monkeypatch.chdir(tmp_path)
+    findings = tmp_path / "pub" / "findings.md"
+    findings.parent.mkdir()
+    findings.write_text("The numbers, said.\n\n## cost\nThe cost figure agrees.\n")
+    plan = OmegaConf.create({
+        "name": "test", "out_dir": "outputs/rep", "parts": [], "figures_minutes": 0.1,
+        "figures": [{"name": "cost", "command": "plot figure=cost model=tiny seq_len=64 out=outputs/rep/figures/cost",
+                     "caption": "the cost figure"}],
+        "report": {"cost_model": "tiny", "cost_seq_len": 64, "findings": "pub/findings.md"},
+        "publish": {"dir": "pub", "inputs": ["outputs/rep", "outputs/runs", "outputs/never_ran"],
+                    "keep": ["findings.md"]}})
+    cfg = OmegaConf.create({"plan": plan, "part": "publish", "force": False})
+    with pytest.raises(ConfigError, match="outputs/rep/REPORT.md does not exist"):
+        run_reproduce(cfg)
+    for run in ("a-seed0", "b-seed0"):
+        d = Path("outputs/runs") / run
+        (d / ".hydra").mkdir(parents=True)
+        for name in ("metrics.parquet", "gns.parquet", "config.yaml", "meta.json", "ckpt.pt", ".hydra/config.yaml"):
+            (d / name).write_text(name)
+    run_reproduce(OmegaConf.create({**cfg, "part": "figures"}))
+    report = Path("pub/REPORT.md")
+    assert run_reproduce(cfg) == report
+    text = report.read_text()
+    assert "![cost](outputs/rep/figures/cost.png)" in text and Path("pub/outputs/rep/figures/cost.png").exists()
+    assert "cp -rn pub/outputs/. outputs/" in text
+    assert "## What the numbers say\n\nThe numbers, said." in text and "The cost figure agrees." in text
+    published = {p.relative_to("pub").as_posix() for p in Path("pub").rglob("*") if p.is_file()}
+    for run in ("a-seed0", "b-seed0"):
+        assert {f"outputs/runs/{run}/{n}" for n in ("metrics.parquet", "gns.parquet", "config.yaml", "meta.json")} \
+            <= published
+    assert not any(p.endswith((".pt", ".pdf")) or "/.hydra/" in p for p in published), published
+    assert "findings.md" in published and findings.read_text().startswith("The numbers, said.")
+    import shutil
+
+    shutil.rmtree("outputs/runs/b-seed0")
+    run_reproduce(cfg)
+    assert not Path("pub/outputs/runs/b-seed0").exists() and Path("pub/outputs/runs/a-seed0/meta.json").exists()
+
+
+def test_findings_name_only_the_plans_figures(tmp_path):
+    from gnsrepro.report import read_findings, write_report
+
+    path = tmp_path / "findings.md"
+    path.write_text("Overall.\n\n## phase\nOn the phase plot.\n\n## nosuch\nx\n")
+    assert read_findings(path) == ("Overall.", {"phase": "On the phase plot.", "nosuch": "x"})
+    assert read_findings(tmp_path / "absent.md") == ("", {})
+    plan = OmegaConf.create({"name": "t", "out_dir": str(tmp_path / "rep"), "parts": [],
+                             "figures": [{"name": "phase", "command": "plot figure=phase", "caption": "c"}],
+                             "report": {"findings": str(path)}})
+    with pytest.raises(ConfigError, match="sections nosuch name no figure of plan=t"):
+        write_report(plan, {})

@@ -329,3 +329,27 @@ def test_the_outlier_guard_keeps_one_spike_out_of_the_correlation():
     total = frame[frame.group == "total"].sort_values("step")
     expected = gns_from_components(total.gtg, total.trsigma, 0.99, guard=HampelFilter()).to_numpy()
     assert np.array_equal(smoothed[smoothed.group == "total"].gns.to_numpy(), expected)
+
+
+def test_max_tokens_sweeps_a_prefix_of_the_run_into_its_own_file(tmp_path, capsys):
+    """max_tokens=N: the table of the steps up to N tokens, the same as correlation_table on that prefix, written
+    beside (not over) the whole run's sweep.parquet; a limit before the first logged step is a one-line error."""
+    from gnsrepro.gns import HampelFilter
+
+    run = write_synthetic_run(tmp_path / "a", steps=300)
+    gns = load_run(run).gns
+    limit = float(gns["tokens"].quantile(0.5))
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        whole = compose("sweep", overrides=[f"run={run}", "ema_alpha=[0.99]"])
+        prefix = compose("sweep", overrides=[f"run={run}", "ema_alpha=[0.99]", f"max_tokens={limit}"])
+        early = compose("sweep", overrides=[f"run={run}", "ema_alpha=[0.99]", "max_tokens=1"])
+    run_sweep(whole)
+    table = run_sweep(prefix)[str(run)]
+    expected = correlation_table(gns[gns["tokens"] <= limit], [0.99], guard=HampelFilter())
+    pd.testing.assert_frame_equal(table, expected)
+    assert table["n_steps"].max() < pd.read_parquet(run / "sweep.parquet")["n_steps"].max()
+    assert (run / f"sweep-until{limit:.0f}.parquet").exists()
+    assert f"(up to {limit:,.0f} tokens)" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="max_tokens=1: run .* logged no step within it"):
+        run_sweep(early)
