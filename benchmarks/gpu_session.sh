@@ -49,11 +49,20 @@ print(d[d.step == d.step.max()].to_string(index=False))" ;;
                run python3 -m gnsrepro plot figure=schedule "run=[$(ls -d outputs/schedule/small/*-seed* | paste -sd,)]" \
                  out=$OUT/schedule
                tar czf "$OUT/schedule_runs.tar.gz" --exclude=ckpt.pt outputs/schedule/small ;;
-    reproduce) # parts of the small plan (PARTS="correlation schedule0"), each at most 10 minutes; after each part the
-               # small files so far (no checkpoints) come back as a tarball, status-<part>.json in it, so a call
-               # cut short keeps the parts it finished: extract them at the repository root, then
-               # `gnsrepro reproduce plan=small part=figures` and `part=report` here (figures read parquet only)
+    reproduce) # parts of the small plan (PARTS="correlation schedule0"), in order, each at most 10 minutes; a part whose
+               # planned minutes would end past BUDGET_S seconds of this stage (default 560: a device call runs 600) is
+               # skipped and named, so a long PARTS list does what fits. After each part the small files so far (no
+               # checkpoints) come back as a tarball, status-<part>.json in it, so a call cut short keeps the parts it
+               # finished: extract them at the repository root, then `gnsrepro reproduce plan=small part=figures`,
+               # `part=report` and `part=publish` here (figures read parquet only)
+               start=$SECONDS
                for p in ${PARTS:?}; do
+                 minutes=$(python3 -c "from omegaconf import OmegaConf; print(next(float(q.minutes) for q in \
+OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no part $p in the small plan"; status=1; continue; }
+                 if python3 -c "import sys; sys.exit(not $SECONDS - $start + 60 * $minutes > ${BUDGET_S:-560})"; then
+                   echo "skipped $p: about $minutes min would end past ${BUDGET_S:-560} s ($((SECONDS - start)) s used)"
+                   continue
+                 fi
                  run python3 -m gnsrepro reproduce plan=small part=$p
                  mv outputs/reproduce/small/status.json "outputs/reproduce/small/status-$p.json"
                  tar czf "$OUT/small-$p.tar.gz" --exclude=ckpt.pt --exclude='*.tmp' --exclude='.hydra' \
