@@ -166,7 +166,8 @@ def report_of(runs_dir, out) -> str:
 def test_report_numbers_against_the_reference_and_the_best_fixed_batch(tmp_path):
     write_runs(tmp_path / "runs")
     numbers = schedule_numbers(tmp_path / "runs")
-    assert set(numbers) == {"linear", "gns", "linear_vs_best", "gns_vs_best", "fixed_sweep"}
+    assert set(numbers) == {"linear", "gns", "linear_vs_best", "gns_vs_best", "gns_vs_linear", "fixed_sweep"}
+    assert_savings(numbers["gns_vs_linear"], expected_savings(("gns", 64), ("linear", 64)))
     for arm in ("linear", "gns"):
         assert_savings(numbers[arm], expected_savings((arm, 64), ("constant", 64)))
         assert_savings(numbers[f"{arm}_vs_best"], expected_savings((arm, 64), ("constant", 32)))
@@ -189,6 +190,9 @@ def test_report_numbers_against_the_reference_and_the_best_fixed_batch(tmp_path)
     losses = ", ".join(f"{b}: {v['final_loss']:.4f} (3 seeds)" for b, v in sweep["batches"].items())
     assert f"| at 45,056 tokens, batch {losses}; best: 32, reference: 64 |" in report
     assert "the fixed batch was not swept" not in report
+    g = expected_savings(("gns", 64), ("linear", 64))
+    assert ("| Claim 4: gns schedule against the linear one, at the linear one's final loss (3 seeds) | tokens "
+            f"{g['tokens_saved'][0]:.1f} +- {g['tokens_saved'][1]:.1f} % saved") in report
 
 
 def test_a_batch_swept_with_fewer_seeds_uses_the_seeds_it_has_and_says_so(tmp_path):
@@ -212,7 +216,7 @@ def test_one_fixed_arm_reports_as_before_and_says_it_was_not_swept(tmp_path):
 
     paths = write_runs(tmp_path / "runs", fixed_seeds={64: SEEDS})
     numbers = schedule_numbers(tmp_path / "runs")
-    assert set(numbers) == {"linear", "gns", "fixed_sweep"}
+    assert set(numbers) == {"linear", "gns", "gns_vs_linear", "fixed_sweep"}
     assert numbers["fixed_sweep"] == {"swept": False, "reference": 64}
     # the numbers of the comparison as it was: each arm against the constant arm, paired by seed
     runs = [load_run(p, need_gns=False) for p in paths]
