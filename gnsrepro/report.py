@@ -314,7 +314,8 @@ def write_report(plan, status: dict) -> Path:
                           f"plan={plan.name} (figures: {', '.join(fig.name for fig in plan.figures)})")
     lines = [f"# gnsrepro reproduction at the {plan.name} scale", "", plan.get("about", "").strip(), "",
              *_environment(), "", "## Parts", "",
-             "| part | status | minutes | where, finished (UTC) | versions, commit |", "| --- | --- | --- | --- | --- |"]
+             "| part | status | minutes | where, finished (UTC) | versions, commit |",
+             "| --- | --- | --- | --- | --- |"]
     for name, entry in status.items():
         failed = entry["status"] == "failed"
         what = entry["status"] + (f": `{entry['command']}` exited {entry['exit']}" if failed else "")

@@ -11,7 +11,7 @@ from gnsrepro.cli import conf_dir
 from gnsrepro.config import register_configs
 from gnsrepro.errors import ConfigError
 
-CPU_VARIANTS = ["off", "ln torch", "all simultaneous", "all ghost"]  # ln triton needs CUDA
+CPU_VARIANTS = ["off", "ln torch", "all simultaneous", "all ghost"]  # ln triton, the triton loss need CUDA
 
 
 def bench_cfg(*overrides: str):
@@ -29,7 +29,7 @@ def timed_calls(monkeypatch):
 
     def _prepare(cfg, g, device):
         step, drain, model = prepare(cfg, g, device)
-        key = (g.mode, g.method, g.ln_backend)
+        key = (g.mode, g.method, g.ln_backend, cfg.model.loss_kernel)
         labels[id(step)] = next(label for label, *spec in B.OVERHEAD_VARIANTS if tuple(spec) == key)
         return step, drain, model
 

@@ -17,7 +17,8 @@ and, with out=, writes a parquet of one row per situation and variant:
 
   model, n_embd, seq_len, micro_batch_size, compile   the situation
   cuda_graphs         whether each step was replayed from a CUDA graph (gnsrepro.cuda_graphs)
-  variant             an OVERHEAD_VARIANTS label: off, ln torch, ln triton, all simultaneous, all ghost
+  variant             an OVERHEAD_VARIANTS label: off, ln torch, ln triton, all simultaneous, all ghost, and
+                      "off, triton loss" (gns=off with model.loss_kernel=triton; CUDA only, as ln triton)
   status              "ok", or "OOM" when the situation ran out of GPU memory (its times NaN)
   step_time_s         median step time in seconds
   tokens_per_s        micro_batch_size * seq_len / step_time_s
@@ -56,13 +57,20 @@ from gnsrepro.errors import ConfigError
 from gnsrepro.train import build_step, peak_flops, resolve_dtype, use_cuda_graphs
 from gnsrepro.train import step as step_once
 
-OVERHEAD_VARIANTS = (  # (label, gns.mode, gns.method, gns.ln_backend)
-    ("off", "off", "auto", "auto"),
-    ("ln torch", "ln", "auto", "torch"),
-    ("ln triton", "ln", "auto", "triton"),
-    ("all simultaneous", "all", "simultaneous", "auto"),
-    ("all ghost", "all", "ghost", "auto"),
+OVERHEAD_VARIANTS = (  # (label, gns.mode, gns.method, gns.ln_backend, model.loss_kernel)
+    ("off", "off", "auto", "auto", "torch"),
+    ("ln torch", "ln", "auto", "torch", "torch"),
+    ("ln triton", "ln", "auto", "triton", "torch"),
+    ("all simultaneous", "all", "simultaneous", "auto", "torch"),
+    ("all ghost", "all", "ghost", "auto", "torch"),
+    # not a GNS variant: gns=off with the fused cross-entropy kernels (gnsrepro/kernels/cross_entropy.py), to
+    # time the whole step with them against inductor's own loss before they become a default
+    ("off, triton loss", "off", "auto", "auto", "triton"),
 )
+
+
+def _cuda_only(spec) -> bool:
+    return spec[3] == "triton" or spec[4] == "triton"
 
 
 def _device(cfg) -> torch.device:
@@ -206,11 +214,13 @@ def time_overhead(cfg, device: torch.device) -> list[dict]:
     per_round = cfg.steps // cfg.rounds
     results = []
 
-    def build(label, mode, method, backend):
+    def build(label, mode, method, backend, loss_kernel):
         g = copy.deepcopy(cfg.gns)
         g.mode, g.method, g.ln_backend = mode, method, backend
+        c = copy.deepcopy(cfg)
+        c.model.loss_kernel = loss_kernel
         t0 = time.perf_counter()
-        step, drain, model = _warmed_up(cfg, g, device)
+        step, drain, model = _warmed_up(c, g, device)
         if cfg.rounds > 1:
             print(f"  {label:<18} built and warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
         return step, drain, model
@@ -223,7 +233,7 @@ def time_overhead(cfg, device: torch.device) -> list[dict]:
         print(f"  {label:<18} step {1e3 * res['step_time_s']:8.1f} ms | {res['tokens_per_s']:>11,.0f} tokens/s | "
               f"x{res['step_time_s'] / base:.3f} of gns=off", flush=True)
 
-    specs = [v for v in OVERHEAD_VARIANTS if not (v[3] == "triton" and device.type != "cuda")]
+    specs = [v for v in OVERHEAD_VARIANTS if not (_cuda_only(v) and device.type != "cuda")]
     if cfg.rounds == 1:
         for spec in specs:
             step, drain, model = build(*spec)
@@ -352,7 +362,7 @@ def bench_overhead(cfg) -> list[dict]:
         raise ConfigError("record=true writes the ln torch / ln triton step times into gnsrepro/kernels/"
                           "ln_backend.csv and needs a CUDA GPU (ln triton runs only there); accepted here: "
                           "record=false")
-    labels = [v[0] for v in OVERHEAD_VARIANTS if not (v[3] == "triton" and device.type != "cuda")]
+    labels = [v[0] for v in OVERHEAD_VARIANTS if not (_cuda_only(v) and device.type != "cuda")]
     print(_header(device))
     rows = []
     for k, situation in enumerate(todo, start=1):
