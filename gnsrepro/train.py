@@ -446,6 +446,7 @@ def _write_run_record(run: Run, dtype: torch.dtype) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     record = run_metadata(run.device, run.d.world_size)
+    record["cuda_graphs"] = run.parts.graphed is not None  # what cuda_graphs=auto resolved to
     if cfg.gns.mode != "off":  # the LayerNorm backend build_model chose, and why (gns.ln_backend=auto: by measurement)
         record["ln_backend"], record["ln_backend_why"] = ln_backend_choice(
             cfg.gns, run.device, cfg.model.n_embd, cfg.compile, cfg.schedule.micro_batch_size,

@@ -207,6 +207,7 @@ def test_cli_tiny_run_logs_schema_and_falling_loss(data_dir, tmp_path):
     assert (parts - wide["total"]).abs().max() <= 1e-5 * wide["total"].abs().max()
     for name in ("config.yaml", "meta.json", "ckpt.pt"):
         assert (out / name).exists()
+    assert json.loads((out / "meta.json").read_text())["cuda_graphs"] is False  # a CPU never captures
 
 
 def _read(out: Path):
