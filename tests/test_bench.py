@@ -29,7 +29,7 @@ def timed_calls(monkeypatch):
 
     def _prepare(cfg, g, device):
         step, drain, model = prepare(cfg, g, device)
-        key = (g.mode, g.method, g.ln_backend, cfg.model.loss_kernel)
+        key = (g.mode, g.method, g.ln_backend, g.linear_backend, cfg.model.loss_kernel)
         labels[id(step)] = next(label for label, *spec in B.OVERHEAD_VARIANTS if tuple(spec) == key)
         return step, drain, model
 

@@ -17,8 +17,9 @@ and, with out=, writes a parquet of one row per situation and variant:
 
   model, n_embd, seq_len, micro_batch_size, compile   the situation
   cuda_graphs         whether each step was replayed from a CUDA graph (gnsrepro.cuda_graphs)
-  variant             an OVERHEAD_VARIANTS label: off, ln torch, ln triton, all simultaneous, all ghost, and
-                      "off, triton loss" (gns=off with model.loss_kernel=triton; CUDA only, as ln triton)
+  variant             an OVERHEAD_VARIANTS label: off, ln torch, ln triton, all simultaneous, all ghost,
+                      "all, triton linear" (gns.linear_backend=triton) and "off, triton loss" (gns=off with
+                      model.loss_kernel=triton); the Triton ones on CUDA only
   status              "ok", or "OOM" when the situation ran out of GPU memory (its times NaN)
   step_time_s         median step time in seconds
   tokens_per_s        micro_batch_size * seq_len / step_time_s
@@ -49,6 +50,7 @@ import math
 import statistics
 import time
 from datetime import date, datetime, timezone
+from typing import NamedTuple
 
 import torch
 
@@ -57,20 +59,35 @@ from gnsrepro.errors import ConfigError
 from gnsrepro.train import build_step, peak_flops, resolve_dtype, use_cuda_graphs
 from gnsrepro.train import step as step_once
 
-OVERHEAD_VARIANTS = (  # (label, gns.mode, gns.method, gns.ln_backend, model.loss_kernel)
-    ("off", "off", "auto", "auto", "torch"),
-    ("ln torch", "ln", "auto", "torch", "torch"),
-    ("ln triton", "ln", "auto", "triton", "torch"),
-    ("all simultaneous", "all", "simultaneous", "auto", "torch"),
-    ("all ghost", "all", "ghost", "auto", "torch"),
+
+class Variant(NamedTuple):
+    """One column of `bench overhead`: a label and the settings it changes from gns=off's."""
+
+    label: str
+    mode: str  # gns.mode
+    method: str = "auto"  # gns.method
+    ln_backend: str = "auto"  # gns.ln_backend
+    linear_backend: str = "torch"  # gns.linear_backend (the simultaneous method's Linear layers and head)
+    loss_kernel: str = "torch"  # model.loss_kernel
+
+    @property
+    def cuda_only(self) -> bool:  # a Triton kernel that the CPU runs only in the interpreter
+        return "triton" in (self.ln_backend, self.linear_backend, self.loss_kernel)
+
+
+OVERHEAD_VARIANTS = (
+    Variant("off", "off"),
+    Variant("ln torch", "ln", ln_backend="torch"),
+    Variant("ln triton", "ln", ln_backend="triton"),
+    Variant("all simultaneous", "all", "simultaneous"),
+    Variant("all ghost", "all", "ghost"),
+    # every layer with the Triton weight-gradient kernel (gnsrepro/kernels/per_example_grad.py), which never
+    # writes the per-example gradients that the torch path materialises (824 MB a micro-batch for the 20M head)
+    Variant("all, triton linear", "all", "simultaneous", linear_backend="triton"),
     # not a GNS variant: gns=off with the fused cross-entropy kernels (gnsrepro/kernels/cross_entropy.py), to
     # time the whole step with them against inductor's own loss before they become a default
-    ("off, triton loss", "off", "auto", "auto", "triton"),
+    Variant("off, triton loss", "off", loss_kernel="triton"),
 )
-
-
-def _cuda_only(spec) -> bool:
-    return spec[3] == "triton" or spec[4] == "triton"
 
 
 def _device(cfg) -> torch.device:
@@ -214,15 +231,15 @@ def time_overhead(cfg, device: torch.device) -> list[dict]:
     per_round = cfg.steps // cfg.rounds
     results = []
 
-    def build(label, mode, method, backend, loss_kernel):
+    def build(v: Variant):
         g = copy.deepcopy(cfg.gns)
-        g.mode, g.method, g.ln_backend = mode, method, backend
+        g.mode, g.method, g.ln_backend, g.linear_backend = v.mode, v.method, v.ln_backend, v.linear_backend
         c = copy.deepcopy(cfg)
-        c.model.loss_kernel = loss_kernel
+        c.model.loss_kernel = v.loss_kernel
         t0 = time.perf_counter()
         step, drain, model = _warmed_up(c, g, device)
         if cfg.rounds > 1:
-            print(f"  {label:<18} built and warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"  {v.label:<18} built and warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
         return step, drain, model
 
     def report(label, model, times):
@@ -233,15 +250,15 @@ def time_overhead(cfg, device: torch.device) -> list[dict]:
         print(f"  {label:<18} step {1e3 * res['step_time_s']:8.1f} ms | {res['tokens_per_s']:>11,.0f} tokens/s | "
               f"x{res['step_time_s'] / base:.3f} of gns=off", flush=True)
 
-    specs = [v for v in OVERHEAD_VARIANTS if not (_cuda_only(v) and device.type != "cuda")]
+    specs = [v for v in OVERHEAD_VARIANTS if not (v.cuda_only and device.type != "cuda")]
     if cfg.rounds == 1:
         for spec in specs:
-            step, drain, model = build(*spec)
-            report(spec[0], model, _timed(step, drain, cfg.steps, device))
+            step, drain, model = build(spec)
+            report(spec.label, model, _timed(step, drain, cfg.steps, device))
             del step, drain, model
             _free_memory(device, cfg.compile)  # this variant's model and graphs, before the next one
         return results
-    built = [(spec[0], *build(*spec), []) for spec in specs]
+    built = [(spec.label, *build(spec), []) for spec in specs]
     for r in range(cfg.rounds):
         k = r % len(built)
         for _label, step, drain, _, times in built[k:] + built[:k]:
@@ -362,7 +379,7 @@ def bench_overhead(cfg) -> list[dict]:
         raise ConfigError("record=true writes the ln torch / ln triton step times into gnsrepro/kernels/"
                           "ln_backend.csv and needs a CUDA GPU (ln triton runs only there); accepted here: "
                           "record=false")
-    labels = [v[0] for v in OVERHEAD_VARIANTS if not (_cuda_only(v) and device.type != "cuda")]
+    labels = [v.label for v in OVERHEAD_VARIANTS if not (v.cuda_only and device.type != "cuda")]
     print(_header(device))
     rows = []
     for k, situation in enumerate(todo, start=1):
