@@ -235,7 +235,7 @@ class GPT(nn.Module):
         # mean over all B*T tokens: example b's gradient is that of its own mean token loss, over B
         kernel = self.config.loss_kernel
         # auto: the kernels in eager CUDA runs only, until the whole compiled step is timed with them (bench
-        # overhead's "off, triton loss"): alone, (16·1024, 50304) bf16 forward + backward on an H200, the two
+        # overhead's "off triton loss"): alone, (16·1024, 50304) bf16 forward + backward on an H200, the two
         # kernels take 1.33 ms eager or compiled, inductor's own loss 2.10 ms, eager F.cross_entropy 10.7 ms
         # (docs/benchmarks.md)
         if kernel == "triton" or (kernel == "auto" and logits.is_cuda and not torch.compiler.is_compiling()):

@@ -18,7 +18,7 @@ and, with out=, writes a parquet of one row per situation and variant:
   model, n_embd, seq_len, micro_batch_size, compile   the situation
   cuda_graphs         whether each step was replayed from a CUDA graph (gnsrepro.cuda_graphs)
   variant             an OVERHEAD_VARIANTS label: off, ln torch, ln triton, all simultaneous, all ghost,
-                      "all, triton linear" (gns.linear_backend=triton) and "off, triton loss" (gns=off with
+                      "all triton linear" (gns.linear_backend=triton) and "off triton loss" (gns=off with
                       model.loss_kernel=triton); the Triton ones on CUDA only
   status              "ok", or "OOM" when the situation ran out of GPU memory (its times NaN)
   step_time_s         median step time in seconds
@@ -83,10 +83,10 @@ OVERHEAD_VARIANTS = (
     Variant("all ghost", "all", "ghost"),
     # every layer with the Triton weight-gradient kernel (gnsrepro/kernels/per_example_grad.py), which never
     # writes the per-example gradients that the torch path materialises (824 MB a micro-batch for the 20M head)
-    Variant("all, triton linear", "all", "simultaneous", linear_backend="triton"),
+    Variant("all triton linear", "all", "simultaneous", linear_backend="triton"),
     # not a GNS variant: gns=off with the fused cross-entropy kernels (gnsrepro/kernels/cross_entropy.py), to
     # time the whole step with them against inductor's own loss before they become a default
-    Variant("off, triton loss", "off", loss_kernel="triton"),
+    Variant("off triton loss", "off", loss_kernel="triton"),
 )
 
 
