@@ -311,3 +311,31 @@ def test_a_checkpoint_of_another_model_is_a_one_line_error(tiny_run, tmp_path):
     r = run_cli(["variance", f"run={copy}"])
     assert r.returncode == 2 and "holds another model than" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (copy / "variance.parquet").exists()
+
+
+def test_the_figure_keeps_every_drawn_point_inside_its_axes():
+    """Hollow points (the same-data estimate whose mean |G|² is within 3 standard errors of 0) can be far above the
+    filled ones; the shared y scale covers them, so none is drawn off the panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from gnsrepro.figures.variance import draw_variance
+
+    rows = []
+    for point, scale in (("init", 1.0), ("final", 30.0)):
+        for b_small in (1, 2):
+            for b_big in (8, 16):
+                noisy = point == "final"  # every final point unusable: one step's left out, the same data hollow
+                rows.append({"point": point, "group": "total", "b_small": b_small, "b_big": b_big, "step": 0,
+                             "tokens": 0, "examples": 64, "resamples": 10, "gns_of_means": 1.0,
+                             "gns_rel_se": 0.1 * b_small * scale, "gns_rel_se_same_data": 0.05 * b_small * scale,
+                             "step_usable": not noisy, "same_data_usable": not noisy})
+    fig = draw_variance(pd.DataFrame(rows), "test")
+    drawn = 0
+    for ax in fig.axes:
+        low, high = ax.get_ylim()
+        for line in ax.get_lines():
+            for y in line.get_ydata():
+                drawn += 1
+                assert low <= y <= high, (ax.get_title(), y, (low, high))
+    assert drawn >= 16  # the init rows' filled points and the final rows' hollow ones

@@ -121,8 +121,10 @@ def draw_variance(values: pd.DataFrame, title: str):
     bigs, smalls = sorted(set(values["b_big"])), sorted(set(values["b_small"]))
     colours = {"b_big": {b: colormaps["viridis"](0.85 * i / max(len(bigs) - 1, 1)) for i, b in enumerate(bigs)},
                "b_small": {s: colormaps["plasma"](0.85 * i / max(len(smalls) - 1, 1)) for i, s in enumerate(smalls)}}
-    # one y scale per kind of panel over every point (from the points drawn filled), so the points compare by eye
-    limits = {y: _limits(values.loc[values[usable], y]) for y, _, _, _, usable, _ in PANELS}
+    # one y scale per kind of panel over every point, so the points compare by eye: over every point the panels
+    # draw (the hollow ones too, which would otherwise fall off the axes; not those left out)
+    limits = {y: _limits(values[y] if unusable == "hollow" else values.loc[values[usable], y])
+              for y, _, _, _, usable, unusable in PANELS}
     n, resamples = int(values["examples"].iloc[0]), int(values["resamples"].iloc[0])
     for sub, point in zip(rows, points):
         v = values[values["point"] == point]
