@@ -326,6 +326,21 @@ def reference_fixed_arm(configs: Iterable[Mapping], reference: int | None = None
     return next((a for a, b in fixed.items() if b == largest_other), next(reversed(fixed)))
 
 
+def losses_at(runs: Mapping, tokens: float, window: int, name: str = "run") -> dict:
+    """{seed: the smoothed, monotone loss (`loss_curve`) each seed's run had reached at `tokens`}, linearly
+    interpolated between logged points, as `fixed_batch_losses` reads each fixed batch at the sweep's budget.
+    runs: {seed: metrics frame}. A run whose smoothed curve starts after `tokens` is a ConfigError; one that ends
+    before it gives its last value (np.interp)."""
+    out = {}
+    for seed, metrics in runs.items():
+        curve = loss_curve(metrics, window, name=f"{name} seed {seed}")
+        if curve["tokens"].iloc[0] > tokens:
+            raise ConfigError(f"{name} seed {seed}'s smoothed loss starts at {curve['tokens'].iloc[0]:.0f} tokens, "
+                              f"after {tokens:.0f}: the runs' token ranges do not overlap")
+        out[seed] = float(np.interp(tokens, curve["tokens"], curve["loss_monotone"]))
+    return out
+
+
 def fixed_batch_losses(fixed_runs: Mapping[int, Mapping], window: int | None = None) -> pd.DataFrame:
     """The final smoothed loss of each batch size of a swept fixed batch at the sweep's common token budget.
 
@@ -347,16 +362,10 @@ def fixed_batch_losses(fixed_runs: Mapping[int, Mapping], window: int | None = N
               for batch, seeds in fixed_runs.items() for seed, run in seeds.items()}
     budget = min(float(c["tokens"].iloc[-1]) for c in curves.values())
     rows = {}
-    for batch in sorted({b for b, _ in curves}):
-        seeds = sorted((s for b, s in curves if b == batch), key=str)
-        losses = []
-        for seed in seeds:
-            curve = curves[(batch, seed)]
-            if curve["tokens"].iloc[0] > budget:
-                raise ConfigError(f"fixed batch {batch} seed {seed}'s smoothed loss starts at "
-                                  f"{curve['tokens'].iloc[0]:.0f} tokens, after the sweep's common budget "
-                                  f"{budget:.0f}: the runs' token ranges do not overlap")
-            losses.append(float(np.interp(budget, curve["tokens"], curve["loss_monotone"])))
+    for key, runs in sorted(fixed_runs.items(), key=lambda item: int(item[0])):
+        batch, seeds = int(key), sorted(runs, key=str)
+        at = losses_at(runs, budget, window, name=f"fixed batch {batch}")
+        losses = [at[seed] for seed in seeds]
         rows[batch] = {"seeds": seeds, "n_seeds": len(seeds), "final_loss": float(np.mean(losses)),
                        "final_loss_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else math.nan,
                        "budget_tokens": budget}

@@ -15,6 +15,7 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from gnsrepro.errors import ConfigError
@@ -33,6 +34,10 @@ PAPER = {
     "cost": "simultaneous per-example norms cost fewer FLOPs than Li et al.'s once the sequence is long",
     "overhead": "LayerNorm-only tracking costs no throughput",
 }
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
 
 
 def _fmt_pct(mean: float, std: float) -> str:
@@ -82,13 +87,21 @@ def schedule_numbers(runs_dir: str | os.PathLike, reference: int | None = None) 
     fixed arm (`reference`: its batch size; by default `gnsrepro.analysis.reference_fixed_arm`'s, the fixed batch
     equal to the schedules' largest). 'fixed_sweep': {swept, reference (its batch), and when swept: batches
     ({batch: {final_loss, seeds}} at the common token budget, `gnsrepro.analysis.fixed_batch_losses`),
-    budget_tokens, best (the batch of the lowest mean final loss), note (the batches' seeds when they differ); or
+    budget_tokens, best (the batch of the lowest mean final loss), note (the batches' seeds when they differ),
+    schedules ({arm: {final_loss, seeds}}: the linear and gns arms read at the same budget, smoothed alike); or
     error, why those losses could not be computed}.
     When the fixed batch was swept, 'linear_vs_best' and 'gns_vs_best' (as 'linear', with 'batch': the best's) are
     the savings against the best fixed batch over the seeds both have. 'gns_vs_linear' (as 'linear'): the gns
     arm against the linear one at the linear arm's final loss, over the seeds both have.
     """
-    from gnsrepro.analysis import fixed_arm_batches, fixed_batch_losses, reference_fixed_arm, schedule_arm
+    from gnsrepro.analysis import (
+        fixed_arm_batches,
+        fixed_batch_losses,
+        losses_at,
+        reference_fixed_arm,
+        schedule_arm,
+        smoothing_window,
+    )
     from gnsrepro.runs import load_run
 
     runs = [load_run(path, need_gns=False) for path in sorted(glob.glob(str(Path(runs_dir) / "*-seed*")))
@@ -122,6 +135,13 @@ def schedule_numbers(runs_dir: str | os.PathLike, reference: int | None = None) 
         sweep |= {"batches": {int(b): {"final_loss": float(row.final_loss), "seeds": list(row.seeds)}
                               for b, row in losses.iterrows()},
                   "budget_tokens": float(losses["budget_tokens"].iloc[0]), "best": best, "note": ""}
+        # the schedules' own losses at that budget, smoothed alike: how far each ended from the best fixed batch
+        window = smoothing_window(*(m for arm in fixed for m in arms[arm].values()))
+        sweep["schedules"] = {}
+        for arm in ("linear", "gns"):
+            if arms.get(arm):
+                at = losses_at(arms[arm], sweep["budget_tokens"], window, name=f"{arm} schedule")
+                sweep["schedules"][arm] = {"final_loss": float(np.mean(list(at.values()))), "seeds": sorted(at)}
         seed_sets = {b: tuple(v["seeds"]) for b, v in sweep["batches"].items()}
         if len(set(seed_sets.values())) > 1:
             sweep["note"] = ("the fixed batches have different seeds (" + "; ".join(
@@ -246,16 +266,16 @@ def _schedule_rows(value: dict) -> list[tuple[str, str, str]]:
         if arm in value:
             v = value[arm]
             against = f"fixed batch {reference} (the reference)" if swept else "fixed batch"
-            rows.append((f"Claim 4: {arm} schedule against the {against}, at its final loss ({v['seeds']} seeds)",
+            rows.append((f"Claim 4: {arm} schedule against the {against}, at its final loss ({_seeds(v['seeds'])})",
                          savings(v), PAPER["schedule"]))
         if f"{arm}_vs_best" in value:
             v = value[f"{arm}_vs_best"]
             rows.append((f"Claim 4: {arm} schedule against the best fixed batch, {v['batch']}, at its final loss "
-                         f"({v['seeds']} seed{'s' if v['seeds'] > 1 else ''})", savings(v), PAPER["schedule_sweep"]))
+                         f"({_seeds(v['seeds'])})", savings(v), PAPER["schedule_sweep"]))
     if "gns_vs_linear" in value:
         v = value["gns_vs_linear"]
-        rows.append((f"Claim 4: gns schedule against the linear one, at the linear one's final loss ({v['seeds']} "
-                     f"seed{'s' if v['seeds'] > 1 else ''})", savings(v), PAPER["gns_vs_linear"]))
+        rows.append((f"Claim 4: gns schedule against the linear one, at the linear one's final loss "
+                     f"({_seeds(v['seeds'])})", savings(v), PAPER["gns_vs_linear"]))
     if not sweep:
         return rows
     if not swept:
@@ -264,12 +284,15 @@ def _schedule_rows(value: dict) -> list[tuple[str, str, str]]:
     elif "error" in sweep:
         rows.append(("Claim 4: the fixed batch, swept", f"not measured ({sweep['error']})", PAPER["schedule_sweep"]))
     else:
-        losses = ", ".join(f"{b}: {v['final_loss']:.4f} ({len(v['seeds'])} seed{'s' if len(v['seeds']) > 1 else ''})"
+        losses = ", ".join(f"{b}: {v['final_loss']:.4f} ({_seeds(len(v['seeds']))})"
                            for b, v in sweep["batches"].items())
         note = f"; {sweep['note']}" if sweep["note"] else ""
+        schedules = ", ".join(f"{arm} {v['final_loss']:.4f} ({_seeds(len(v['seeds']))})"
+                              for arm, v in sweep.get("schedules", {}).items())
         rows.append(("Claim 4: the fixed batch, swept (final smoothed training loss, mean over seeds)",
                      f"at {sweep['budget_tokens']:,.0f} tokens, batch {losses}; best: {sweep['best']}, reference: "
-                     f"{reference}{note}", PAPER["schedule_sweep"]))
+                     f"{reference}{note}" + (f"; the schedules there: {schedules}" if schedules else ""),
+                     PAPER["schedule_sweep"]))
     return rows
 
 

@@ -177,6 +177,11 @@ def test_report_numbers_against_the_reference_and_the_best_fixed_batch(tmp_path)
     assert list(sweep["batches"]) == [16, 32, 64] and sweep["budget_tokens"] == (200 - 24) * 64 * SEQ
     assert sweep["batches"][32]["final_loss"] == pytest.approx(
         np.mean([C - slope("constant", 32, s) * sweep["budget_tokens"] for s in SEEDS]), rel=1e-9)
+    # the schedules read at the same budget: loss C - slope * budget, mean over seeds
+    for arm in ("linear", "gns"):
+        assert sweep["schedules"][arm]["seeds"] == list(SEEDS)
+        assert sweep["schedules"][arm]["final_loss"] == pytest.approx(
+            np.mean([C - slope(arm, 64, s) * sweep["budget_tokens"] for s in SEEDS]), rel=1e-9)
     # reference=B moves the 'linear' / 'gns' savings, not the best
     against_16 = schedule_numbers(tmp_path / "runs", reference=16)
     assert_savings(against_16["linear"], expected_savings(("linear", 64), ("constant", 16)))
@@ -188,7 +193,8 @@ def test_report_numbers_against_the_reference_and_the_best_fixed_batch(tmp_path)
             f"{lin['tokens_saved'][0]:.1f} +- {lin['tokens_saved'][1]:.1f} % saved") in report
     assert "| Claim 4: gns schedule against the fixed batch 64 (the reference), at its final loss (3 seeds) |" in report
     losses = ", ".join(f"{b}: {v['final_loss']:.4f} (3 seeds)" for b, v in sweep["batches"].items())
-    assert f"| at 45,056 tokens, batch {losses}; best: 32, reference: 64 |" in report
+    schedules = ", ".join(f"{arm} {sweep['schedules'][arm]['final_loss']:.4f} (3 seeds)" for arm in ("linear", "gns"))
+    assert f"| at 45,056 tokens, batch {losses}; best: 32, reference: 64; the schedules there: {schedules} |" in report
     assert "the fixed batch was not swept" not in report
     g = expected_savings(("gns", 64), ("linear", 64))
     assert ("| Claim 4: gns schedule against the linear one, at the linear one's final loss (3 seeds) | tokens "
@@ -355,7 +361,10 @@ def test_the_small_plan_runs_the_sweep_where_its_figure_and_report_find_it():
     figure = next(f for f in plan.figures if f.name == "schedule")
     assert "run=outputs/schedule/small/*-seed*" in figure.command  # every arm, constant-b<B>-seed<s> too
     assert plan.report.schedule_runs == "outputs/schedule/small"
-    assert "swept over 16-128" in plan.gives_up
+    below = next(p for p in plan.parts if p.name == "fixed_sweep_b8")  # 8, below the schedules' smallest batch
+    assert below.minutes <= 10
+    assert list(below.commands) == ["train -m experiment=schedule/small_b8 seed=0,1,2 resume=true"]
+    assert "swept over 8-128" in plan.gives_up
 
 
 def test_a_schedule_that_never_reaches_the_best_fixed_batchs_loss_is_reported_as_no_saving():
