@@ -69,7 +69,8 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
                    $(ls -d outputs/reproduce/small outputs/schedule/small outputs/ratio/small outputs/lrsweep/small \
                      outputs/variance/small outputs/flashattn/small 2>/dev/null)
                done ;;
-    graphs)    run python3 -m pytest -q -s -m gpu tests/test_cuda_graphs.py tests/test_cross_entropy.py tests/test_per_example_grad.py ;;
+    graphs)    run python3 -m pytest -q -s -m gpu tests/test_cuda_graphs.py tests/test_cross_entropy.py tests/test_per_example_grad.py \
+                 tests/test_pegn.py::test_gpu_compile_inductor_same_norms ;;
     graphloop) # the whole training loop replayed from CUDA graphs against the eager one (four compiled tiny runs, ~4 min)
                run python3 -m pytest -q -s -m gpu tests/test_cuda_graphs.py -k training_run ;;
     overheads) # the overhead table over models and micro-batches, interleaved per situation (MODELS=20M,111M MICROS=8,16,64

@@ -331,14 +331,16 @@ def losses_at(runs: Mapping, tokens: float, window: int, name: str = "run") -> d
     interpolated between logged points, as `fixed_batch_losses` reads each fixed batch at the sweep's budget.
     runs: {seed: metrics frame}. A run whose smoothed curve starts after `tokens` is a ConfigError; one that ends
     before it gives its last value (np.interp)."""
-    out = {}
-    for seed, metrics in runs.items():
-        curve = loss_curve(metrics, window, name=f"{name} seed {seed}")
-        if curve["tokens"].iloc[0] > tokens:
-            raise ConfigError(f"{name} seed {seed}'s smoothed loss starts at {curve['tokens'].iloc[0]:.0f} tokens, "
-                              f"after {tokens:.0f}: the runs' token ranges do not overlap")
-        out[seed] = float(np.interp(tokens, curve["tokens"], curve["loss_monotone"]))
-    return out
+    return {seed: _loss_at(loss_curve(metrics, window, name=f"{name} seed {seed}"), tokens, f"{name} seed {seed}")
+            for seed, metrics in runs.items()}
+
+
+def _loss_at(curve: pd.DataFrame, tokens: float, name: str) -> float:
+    """A `loss_curve`'s monotone loss at `tokens`, interpolated (its last value past its end)."""
+    if curve["tokens"].iloc[0] > tokens:
+        raise ConfigError(f"{name}'s smoothed loss starts at {curve['tokens'].iloc[0]:.0f} tokens, after "
+                          f"{tokens:.0f}: the runs' token ranges do not overlap")
+    return float(np.interp(tokens, curve["tokens"], curve["loss_monotone"]))
 
 
 def fixed_batch_losses(fixed_runs: Mapping[int, Mapping], window: int | None = None) -> pd.DataFrame:
@@ -362,10 +364,9 @@ def fixed_batch_losses(fixed_runs: Mapping[int, Mapping], window: int | None = N
               for batch, seeds in fixed_runs.items() for seed, run in seeds.items()}
     budget = min(float(c["tokens"].iloc[-1]) for c in curves.values())
     rows = {}
-    for key, runs in sorted(fixed_runs.items(), key=lambda item: int(item[0])):
-        batch, seeds = int(key), sorted(runs, key=str)
-        at = losses_at(runs, budget, window, name=f"fixed batch {batch}")
-        losses = [at[seed] for seed in seeds]
+    for batch in sorted({b for b, _ in curves}):
+        seeds = sorted((s for b, s in curves if b == batch), key=str)
+        losses = [_loss_at(curves[(batch, seed)], budget, f"fixed batch {batch} seed {seed}") for seed in seeds]
         rows[batch] = {"seeds": seeds, "n_seeds": len(seeds), "final_loss": float(np.mean(losses)),
                        "final_loss_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else math.nan,
                        "budget_tokens": budget}

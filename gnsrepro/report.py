@@ -126,8 +126,10 @@ def schedule_numbers(runs_dir: str | os.PathLike, reference: int | None = None) 
         return out
     sweep = {"swept": len(fixed) > 1, "reference": fixed[reference_arm]}
     if sweep["swept"]:
+        # one smoothing window for the fixed batches and, below, the schedules read at the same budget
+        window = smoothing_window(*(m for arm in fixed for m in arms[arm].values()))
         try:
-            losses = fixed_batch_losses({batch: arms[arm] for arm, batch in fixed.items()})
+            losses = fixed_batch_losses({batch: arms[arm] for arm, batch in fixed.items()}, window)
         except ConfigError as e:  # the savings against the reference stand without the sweep's losses
             out["fixed_sweep"] = {**sweep, "error": str(e)}
             return out
@@ -136,7 +138,6 @@ def schedule_numbers(runs_dir: str | os.PathLike, reference: int | None = None) 
                               for b, row in losses.iterrows()},
                   "budget_tokens": float(losses["budget_tokens"].iloc[0]), "best": best, "note": ""}
         # the schedules' own losses at that budget, smoothed alike: how far each ended from the best fixed batch
-        window = smoothing_window(*(m for arm in fixed for m in arms[arm].values()))
         sweep["schedules"] = {}
         for arm in ("linear", "gns"):
             if arms.get(arm):

@@ -189,8 +189,7 @@ def publish(plan) -> Path:
             print(f"  {root}: not there (its part has not run), left out", flush=True)
             continue
         for path in sorted(root.rglob("*")):
-            if (path.is_file() and path.suffix in PUBLISHED_SUFFIXES and ".hydra" not in path.parts
-                    and path.name != "REPORT.md.tmp"):
+            if path.is_file() and path.suffix in PUBLISHED_SUFFIXES and ".hydra" not in path.parts:
                 dest = staging / path
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, dest)

@@ -389,3 +389,14 @@ def test_a_schedule_that_never_reaches_the_best_fixed_batchs_loss_is_reported_as
         "worse; 3 of 3 seeds)")
     assert rows["Claim 4: gns schedule against the best fixed batch, 4, at its final loss (3 seeds)"].endswith(
         "; 1 of 3 seeds never reached its final loss (left out of the mean; no p-value)")
+
+
+def test_losses_at_a_point_before_a_runs_smoothed_curve_is_a_one_line_error(tmp_path):
+    from gnsrepro.analysis import losses_at
+    from gnsrepro.runs import load_run
+
+    run = load_run(write_run(tmp_path, "constant", 64, 0), need_gns=False)
+    budget = 20_000
+    assert losses_at({0: run.metrics}, budget, 5)[0] == pytest.approx(C - slope("constant", 64, 0) * budget, rel=1e-9)
+    with pytest.raises(ConfigError, match="fixed seed 0's smoothed loss starts at .* tokens, after 1: the runs' token"):
+        losses_at({0: run.metrics}, 1.0, 5, name="fixed")

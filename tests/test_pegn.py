@@ -380,8 +380,12 @@ def test_gpu_bf16_autocast_close_to_fp32(method):
 
 
 @pytest.mark.gpu
-def test_gpu_compile_inductor_same_norms():
-    _, model = twins(instrumented_layers("all", ln_backend="triton"), dtype=torch.float32)
+@pytest.mark.parametrize("kernel", [{"ln_backend": "triton"}, {"method": "simultaneous", "linear_backend": "triton"}],
+                         ids=["layernorm", "linear"])
+def test_gpu_compile_inductor_same_norms(kernel):
+    """The compiled model (inductor) with a Triton kernel as an opaque custom op (the LayerNorm's, or the Linear
+    layers' and the head's weight-gradient kernel): the eager norms."""
+    _, model = twins(instrumented_layers("all", **kernel), dtype=torch.float32)
     model.cuda()
     idx, targets = (t.cuda() for t in batch(4))
     eager = per_example_sqnorms(model, idx, targets)

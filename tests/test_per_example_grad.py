@@ -301,15 +301,3 @@ def test_gpu_real_shapes_bf16_match_torch_and_times(name, B, T, K, L):
     cfg = PG._tiles(K, L, 2)
     print(f"\n{name}: x ({B}, {T}, {K}) dy ({B}, {T}, {L}) bf16, tiles {tuple(cfg)}: "
           f"torch {ms_torch:.3f} ms, triton {ms_kernel:.3f} ms ({ms_kernel / ms_torch:.2f}x)")
-
-
-@pytest.mark.gpu
-def test_gpu_compile_inductor_same_norms():
-    """The compiled model (inductor) with the kernel as an opaque custom op: the eager norms."""
-    _, model = twins(instrumented_layers("all", method="simultaneous", linear_backend="triton"), dtype=torch.float32)
-    model.cuda()
-    idx, targets = (t.cuda() for t in batch(4))
-    eager = per_example_sqnorms(model, idx, targets)
-    torch._dynamo.reset()
-    got = per_example_sqnorms(torch.compile(model, fullgraph=True), idx, targets)
-    assert_norms(got, eager, list(eager), rtol=1e-4)
