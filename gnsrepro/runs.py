@@ -71,7 +71,9 @@ def read_table(path: Path, columns, hint: str = "README, 'Logs', has the schema"
 def load_run(run_dir: str | os.PathLike, need_gns: bool = True) -> Run:
     """The run in `run_dir`: config.yaml as a plain dict, meta.json, metrics.parquet and gns.parquet.
 
-    With need_gns=False a missing gns.parquet (a gns=off run) gives `gns=None` instead of an error. Raises
+    With need_gns=False a missing gns.parquet (a gns=off run) gives `gns=None` instead of an error. A run replayed
+    from CUDA graphs whose meta.json lacks step_time_synced (the loop did not wait for the device yet) has NaN
+    step times, throughputs and MFU: its logged ones are the host's. Raises
     ConfigError, one line naming the path and what is wrong, for a directory that does not exist, is not a
     run, or lacks a table or one of its documented columns.
     """
@@ -88,6 +90,10 @@ def load_run(run_dir: str | os.PathLike, need_gns: bool = True) -> Run:
     if not isinstance(config, dict):
         raise ConfigError(f"{path / 'config.yaml'} is not a mapping of settings")
     metrics = read_table(path / "metrics.parquet", METRICS_COLUMNS)
+    if meta.get("cuda_graphs") and not meta.get("step_time_synced"):
+        # replayed from CUDA graphs by a loop that did not yet wait for the device before its pauses: its step
+        # times are the host's, which ran up to a whole logging interval ahead of the GPU; unknown, not wrong
+        metrics = metrics.assign(step_time_s=float("nan"), tokens_per_s=float("nan"), mfu=float("nan"))
     gns_path = path / "gns.parquet"
     gns = read_table(gns_path, GNS_COLUMNS) if gns_path.is_file() else None
     return Run(path=path, config=config, metrics=metrics, gns=gns, meta=meta)

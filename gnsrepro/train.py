@@ -447,6 +447,7 @@ def _write_run_record(run: Run, dtype: torch.dtype) -> None:
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     record = run_metadata(run.device, run.d.world_size)
     record["cuda_graphs"] = run.parts.graphed is not None  # what cuda_graphs=auto resolved to
+    record["step_time_synced"] = True  # step_time_s sums to device time over an interval (train's loop waits)
     if cfg.gns.mode != "off":  # the LayerNorm backend build_model chose, and why (gns.ln_backend=auto: by measurement)
         record["ln_backend"], record["ln_backend_why"] = ln_backend_choice(
             cfg.gns, run.device, cfg.model.n_embd, cfg.compile, cfg.schedule.micro_batch_size,
@@ -493,6 +494,18 @@ def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
+def _wait_for(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _pause_follows(run: Run) -> bool:
+    """Whether evaluation, logging, a GNS update of the schedule or a checkpoint follows this step (train's loop)."""
+    c, schedule = run.cfg, run.schedule
+    return (run.finished() or any(_every(run.step, i) for i in (c.eval_interval, c.log_interval, c.checkpoint_interval))
+            or (isinstance(schedule, GNSBatch) and schedule.wants_update(run.step)))
+
+
 def train(cfg: TrainConfig | DictConfig, overrides: list[str] | None = None) -> Path:
     """Train as configured; returns the run directory. Raises ConfigError/DataError before any work.
 
@@ -516,6 +529,10 @@ def train(cfg: TrainConfig | DictConfig, overrides: list[str] | None = None) -> 
             loss, grad_norm = step(run.parts, run.micro_batches(batch_size), batch_size, lr)
             run.step += 1
             run.tokens += batch_size * run.seq_len
+            if _pause_follows(run):
+                # the host runs ahead of the GPU (replaying CUDA graphs, up to the whole interval ahead): the
+                # interval's time ends when its steps have run, before the pause that the next step leaves out
+                _wait_for(run.device)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             log.record({"step": run.step, "tokens": run.tokens, "batch_size": batch_size, "lr": lr, "loss": loss,

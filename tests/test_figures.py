@@ -149,6 +149,20 @@ def bench_table(path: Path, stream: bool = True) -> Path:
     return path
 
 
+def test_the_report_gives_the_kernel_ratio_in_device_time_and_eager(tmp_path):
+    from gnsrepro.report import kernel_numbers
+
+    df = pd.read_parquet(bench_table(tmp_path / "layernorm.parquet"))
+    got = kernel_numbers(tmp_path / "layernorm.parquet")
+    device, eager = df.stream_triton_us / df.stream_torch_us, df.triton_us / df.torch_us
+    assert got["kind"] == "device time in the stream" and got["sizes"] == [768, 2048, 4096]
+    assert got["min"] == pytest.approx(device.min()) and got["max"] == pytest.approx(device.max())
+    assert got["eager_min"] == pytest.approx(eager.min()) and got["eager_max"] == pytest.approx(eager.max())
+    assert got["max"] < got["eager_min"]  # the made-up table: the host time is added to the eager calls
+    old = kernel_numbers(bench_table(tmp_path / "old.parquet", stream=False))
+    assert old["kind"] == "eager" and old["max"] == pytest.approx(eager.max())
+
+
 def test_lnbench_plots_device_time_eager_time_and_the_copy_floor(tmp_path):
     table = bench_table(tmp_path / "layernorm.parquet")
     assert_rendered(lnbench(table, tmp_path / "lnbench"), tmp_path / "lnbench")

@@ -400,3 +400,33 @@ def test_losses_at_a_point_before_a_runs_smoothed_curve_is_a_one_line_error(tmp_
     assert losses_at({0: run.metrics}, budget, 5)[0] == pytest.approx(C - slope("constant", 64, 0) * budget, rel=1e-9)
     with pytest.raises(ConfigError, match="fixed seed 0's smoothed loss starts at .* tokens, after 1: the runs' token"):
         losses_at({0: run.metrics}, 1.0, 5, name="fixed")
+
+
+def test_graphed_runs_of_a_loop_that_logged_host_times_count_in_tokens_and_steps_not_wall_time(tmp_path):
+    """A run replayed from CUDA graphs before train's loop waited for the device at its pauses logged host step
+    times (meta.json: cuda_graphs without step_time_synced): load_run reads them as unknown, and the report's wall
+    time is over the other seeds and says so, while tokens and steps use every seed."""
+    import json
+
+    from gnsrepro.runs import load_run
+
+    paths = write_runs(tmp_path / "runs")
+    for path in paths:
+        meta = json.loads((path / "meta.json").read_text())
+        seed = OmegaConf.load(path / "config.yaml").seed
+        meta |= {"cuda_graphs": seed == 2} | ({"step_time_synced": True} if seed == 1 else {})
+        (path / "meta.json").write_text(json.dumps(meta))
+    by_seed = {OmegaConf.load(p / "config.yaml").seed: load_run(p, need_gns=False).metrics for p in paths[:3]}
+    assert by_seed[2][["step_time_s", "tokens_per_s", "mfu"]].isna().all().all()
+    assert (by_seed[0]["step_time_s"] == 1.0).all() and (by_seed[1]["step_time_s"] == 1.0).all()
+    numbers = schedule_numbers(tmp_path / "runs")
+    full, two = expected_savings(("linear", 64), ("constant", 32)), expected_savings(("linear", 64), ("constant", 32),
+                                                                                     seeds=(0, 1))
+    got = numbers["linear_vs_best"]
+    assert got["tokens_saved"] == pytest.approx(full["tokens_saved"]) and got["time_seeds"] == 2
+    assert got["time_saved"] == pytest.approx(two["time_saved"])
+    report = report_of(tmp_path / "runs", tmp_path / "out")
+    assert ("| Claim 4: linear schedule against the best fixed batch, 32, at its final loss (3 seeds) | tokens "
+            f"{full['tokens_saved'][0]:.1f} +- {full['tokens_saved'][1]:.1f} % saved") in report
+    assert f"{two['time_saved'][0]:.1f} +- {two['time_saved'][1]:.1f} % (over 2 seeds: the others' step times are " \
+           "unknown)" in report

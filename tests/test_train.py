@@ -257,6 +257,27 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(data_dir, tmp_path, on
     pd.testing.assert_frame_equal(g.drop(columns=[]).reset_index(drop=True), g_ref.reset_index(drop=True), rtol=1e-5)
 
 
+def test_the_loop_waits_for_the_device_before_every_pause_it_leaves_out_of_the_step_time(data_dir, tmp_path,
+                                                                                          monkeypatch):
+    """Step times leave out evaluation, logging and checkpoints, and the host runs ahead of the GPU (CUDA graphs:
+    a whole interval ahead), so the loop waits for the device right before each pause: an interval's summed step
+    times then cover its steps' device time. Here the waits are recorded where the pauses fall."""
+    import gnsrepro.train as training
+
+    waited, step = [], training.step
+    calls = {"n": 0}
+
+    def counted(*args):
+        calls["n"] += 1
+        return step(*args)
+
+    monkeypatch.setattr(training, "step", counted)
+    monkeypatch.setattr(training, "_wait_for", lambda device: waited.append(calls["n"]))
+    train(make_cfg(*tiny(data_dir, tmp_path / "run", "max_steps=13", "log_interval=3", "eval_interval=5",
+                         "checkpoint_interval=4")))
+    assert waited == [3, 4, 5, 6, 8, 9, 10, 12, 13]  # log 3 6 9 12, eval 5 10, checkpoint 4 8 12, the end 13
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = make_cfg(*tiny(data_dir, out, "max_steps=12", "checkpoint_interval=4", "log_interval=2", "eval_interval=0"))
