@@ -74,9 +74,11 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
     graphloop) # the whole training loop replayed from CUDA graphs against the eager one (four compiled tiny runs, ~4 min)
                run python3 -m pytest -q -s -m gpu tests/test_cuda_graphs.py -k training_run ;;
     overheads) # the overhead table over models and micro-batches, interleaved per situation (MODELS=20M,111M MICROS=8,16,64
-               # GRAPHS=true|false); record=true writes the LayerNorm backend rows auto reads
+               # GRAPHS=true|false VARIANTS="ln torch,ln triton"; off is always timed); record=true writes the LayerNorm
+               # backend rows auto reads
                run python3 -m gnsrepro bench overhead "models=[${MODELS:-20M}]" "micro_batch_sizes=[${MICROS:-16,64}]" \
-                 cuda_graphs=${GRAPHS:-true} steps=${STEPS:-30} rounds=3 warmup=3 record=true out=$OUT/overheads.parquet
+                 cuda_graphs=${GRAPHS:-true} steps=${STEPS:-30} rounds=3 warmup=3 record=true out=$OUT/overheads.parquet \
+                 ${VARIANTS:+"variants=$VARIANTS"}
                cp gnsrepro/kernels/ln_backend.csv "$OUT/ln_backend.csv" ;;
     profile)   # where a compiled step's time goes (SITUATIONS=MODEL:SEQ:MICRO:VARIANT,...)
                run python3 -m benchmarks.profile_step ${SITUATIONS:+--situations $SITUATIONS} ${EAGER:+--eager} \

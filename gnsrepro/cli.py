@@ -295,7 +295,7 @@ LIST_KEYS = {"sweep": (("ema_alpha", "run", "group", "source"), ("ema_alpha",)),
              "plot": (("run", "alphas"), ("alphas",))}
 LIST_KEYS["variance"] = (("points", "b_small", "b_big"), ("b_small", "b_big"))
 LIST_KEYS["flashattn"] = (("sigmas",), ("sigmas",))
-LIST_KEYS["bench"] = (("models", "micro_batch_sizes", "compiles"), ("micro_batch_sizes", "compiles"))
+LIST_KEYS["bench"] = (("models", "micro_batch_sizes", "compiles", "variants"), ("micro_batch_sizes", "compiles"))
 
 
 def bracket_list_overrides(argv: list[str], command: str = "sweep") -> list[str]:

@@ -188,6 +188,9 @@ class BenchConfig:
     models: list[str] = field(default_factory=list)
     micro_batch_sizes: list[int] = field(default_factory=list)
     compiles: list[bool] = field(default_factory=list)
+    # overhead: the variants to time, by label (gnsrepro/benchmarks/train.py OVERHEAD_VARIANTS); empty: all of
+    # them; gns=off is always timed (the baseline)
+    variants: list[str] = field(default_factory=list)
     record: bool = False  # overhead: write the ln torch / ln triton times into gnsrepro/kernels/ln_backend.csv
 
 

@@ -60,6 +60,21 @@ def test_overhead_one_round_runs_the_variants_one_after_another(timed_calls, cap
     assert "interleaved" not in capsys.readouterr().out
 
 
+def test_overhead_times_the_named_variants_and_gns_off_first(timed_calls, capsys):
+    from gnsrepro.cli import bracket_list_overrides
+
+    argv = bracket_list_overrides(["variants=all simultaneous,ln torch", "steps=2", "rounds=1"], "bench")
+    assert argv[0] == "variants=['all simultaneous','ln torch']"
+    results = B.bench_overhead(bench_cfg(*argv))
+    assert [r["variant"] for r in results] == ["off", "ln torch", "all simultaneous"]  # the table's order
+    assert timed_calls == [("off", 2), ("ln torch", 2), ("all simultaneous", 2)]
+    header, row = capsys.readouterr().out.splitlines()[-2:]
+    assert header.split()[5:] == ["off", "ms", "MFU", "ln", "torch", "all", "simultaneous", "auto"]
+    off = results[0]["step_time_s"]
+    assert row.split()[-3:] == [f"{results[1]['step_time_s'] / off:.3f}x", f"{results[2]['step_time_s'] / off:.3f}x",
+                                "torch"]
+
+
 def test_overhead_rounds_checked_before_any_compute(timed_calls):
     with pytest.raises(ConfigError, match=r"rounds=5: accepts 1 to steps=4"):
         B.bench_overhead(bench_cfg("steps=4", "rounds=5"))
@@ -120,6 +135,7 @@ def test_the_cli_brackets_the_bench_lists():
     (["micro_batch_size=0"], r"^micro_batch_size=0: accepts positive integers"),
     (["models=[20M,tiny]", "seq_len=512"], r"^seq_len=512 is longer than model tiny's context model.block_size=128$"),
     (["record=true"], r"^record=true writes .* needs a CUDA GPU"),
+    (["variants=[ln,off]"], r"^variants: 'ln' is not a variant; accepted: off, ln torch, ln triton, all simultaneous, "),
 ])
 def test_bad_situations_are_refused_before_any_work(overrides, message, monkeypatch, capsys):
     monkeypatch.setattr(B, "time_overhead", lambda cfg, device: pytest.fail("timed a situation"))

@@ -5,8 +5,8 @@ uses) on random tokens, bf16 autocast and torch.compile by default, with CUDA sy
 around the timed block. MFU counts 6N + 12·L·d·T FLOPs per token (GPT.flops_per_token) against the
 device's dense bf16 peak.
 
-`bench overhead` times each variant of OVERHEAD_VARIANTS against gns=off (time_overhead: interleaved
-rounds) in every situation, a (model, micro-batch, compile) of the lists models=, micro_batch_sizes= and
+`bench overhead` times each variant of OVERHEAD_VARIANTS (or those that variants= names) against gns=off
+(time_overhead: interleaved rounds) in every situation, a (model, micro-batch, compile) of the lists models=, micro_batch_sizes= and
 compiles= (an empty list: the single model=, micro_batch_size=, compile=; `models=20M,111M` is bracketed by
 the CLI), one situation after another, memory and compiled graphs freed between them. A situation that runs
 out of GPU memory is "OOM" in the table and the others go on. cuda_graphs= applies to every situation (a
@@ -88,6 +88,17 @@ OVERHEAD_VARIANTS = (
     # time the whole step with them against inductor's own loss before they become a default
     Variant("off triton loss", "off", loss_kernel="triton"),
 )
+
+
+def overhead_variants(cfg, device: torch.device) -> list[Variant]:
+    """The OVERHEAD_VARIANTS that cfg.variants names (empty: all), gns=off first whether named or not (the
+    baseline); the Triton ones only on CUDA. ConfigError, before any work, for a label that is not one."""
+    known = {v.label: v for v in OVERHEAD_VARIANTS}
+    unknown = [label for label in cfg.variants if label not in known]
+    if unknown:
+        raise ConfigError(f"variants: {unknown[0]!r} is not a variant; accepted: {', '.join(known)}")
+    wanted = set(cfg.variants) | {"off"} if cfg.variants else set(known)
+    return [v for v in OVERHEAD_VARIANTS if v.label in wanted and not (v.cuda_only and device.type != "cuda")]
 
 
 def _device(cfg) -> torch.device:
@@ -250,7 +261,7 @@ def time_overhead(cfg, device: torch.device) -> list[dict]:
         print(f"  {label:<18} step {1e3 * res['step_time_s']:8.1f} ms | {res['tokens_per_s']:>11,.0f} tokens/s | "
               f"x{res['step_time_s'] / base:.3f} of gns=off", flush=True)
 
-    specs = [v for v in OVERHEAD_VARIANTS if not (v.cuda_only and device.type != "cuda")]
+    specs = overhead_variants(cfg, device)
     if cfg.rounds == 1:
         for spec in specs:
             step, drain, model = build(spec)
@@ -379,7 +390,7 @@ def bench_overhead(cfg) -> list[dict]:
         raise ConfigError("record=true writes the ln torch / ln triton step times into gnsrepro/kernels/"
                           "ln_backend.csv and needs a CUDA GPU (ln triton runs only there); accepted here: "
                           "record=false")
-    labels = [v.label for v in OVERHEAD_VARIANTS if not (v.cuda_only and device.type != "cuda")]
+    labels = [v.label for v in overhead_variants(cfg, device)]
     print(_header(device))
     rows = []
     for k, situation in enumerate(todo, start=1):
