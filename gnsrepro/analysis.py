@@ -376,6 +376,28 @@ def fixed_batch_losses(fixed_runs: Mapping[int, Mapping], window: int | None = N
     return table
 
 
+def cost_to_reach(arms: Mapping[str, Mapping], target: str, window: int) -> pd.DataFrame:
+    """Tokens and optimizer steps each arm took to first reach the `target` arm's final loss, seed by seed.
+
+    arms: arm name -> {seed: metrics frame}; every curve smoothed with `window` (`loss_curve`). The level at a
+    seed is the target arm's final smoothed, monotone loss at that seed; each arm's run of the same seed is read
+    where its monotone curve first reaches it (interpolated as `tokens_saved` reads crossings). This puts a
+    swept fixed batch beside a schedule on both axes at once: a small fixed batch may need fewer tokens and more
+    steps. Returns one row per (arm, seed) of the seeds the target has: arm, seed, level, tokens, steps (NaN
+    where the arm did not reach the level: never, or it started below it) and reached.
+    """
+    levels = {seed: float(loss_curve(m, window, name=f"{target} seed {seed}")["loss_monotone"].iloc[-1])
+              for seed, m in arms[target].items()}
+    rows = []
+    for arm, runs in arms.items():
+        for seed in sorted(set(runs) & set(levels), key=str):
+            curve = loss_curve(runs[seed], window, name=f"{arm} seed {seed}")
+            values, status = _first_reached(curve, np.array([levels[seed]]))  # NaN where not reached
+            rows.append({"arm": arm, "seed": seed, "level": levels[seed], "tokens": float(values["tokens"][0]),
+                         "steps": float(values["steps"][0]), "reached": bool(status[0] == REACHED)})
+    return pd.DataFrame(rows, columns=["arm", "seed", "level", "tokens", "steps", "reached"])
+
+
 def _check_window(window) -> None:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
         raise ConfigError(f"window must be an odd positive number of logged points (1: no smoothing), "

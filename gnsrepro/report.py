@@ -90,13 +90,16 @@ def schedule_numbers(runs_dir: str | os.PathLike, reference: int | None = None) 
     equal to the schedules' largest). 'fixed_sweep': {swept, reference (its batch), and when swept: batches
     ({batch: {final_loss, seeds}} at the common token budget, `gnsrepro.analysis.fixed_batch_losses`),
     budget_tokens, best (the batch of the lowest mean final loss), note (the batches' seeds when they differ),
-    schedules ({arm: {final_loss, seeds}}: the linear and gns arms read at the same budget, smoothed alike); or
+    schedules ({arm: {final_loss, seeds}}: the linear and gns arms read at the same budget, smoothed alike),
+    to_linear_loss ({arm: {tokens, steps (means over the seeds that reached it), reached, seeds, level}}: every
+    arm's cost to the linear arm's final loss, `gnsrepro.analysis.cost_to_reach`, when there is a linear arm); or
     error, why those losses could not be computed}.
     When the fixed batch was swept, 'linear_vs_best' and 'gns_vs_best' (as 'linear', with 'batch': the best's) are
     the savings against the best fixed batch over the seeds both have. 'gns_vs_linear' (as 'linear'): the gns
     arm against the linear one at the linear arm's final loss, over the seeds both have.
     """
     from gnsrepro.analysis import (
+        cost_to_reach,
         fixed_arm_batches,
         fixed_batch_losses,
         losses_at,
@@ -150,6 +153,13 @@ def schedule_numbers(runs_dir: str | os.PathLike, reference: int | None = None) 
             sweep["note"] = ("the fixed batches have different seeds (" + "; ".join(
                 f"{b}: seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))}" for b, s in seed_sets.items())
                 + "): each batch's loss is the mean over the seeds it has")
+        if arms.get("linear"):  # every arm's tokens and steps to the linear ramp's final loss, seed by seed
+            cost = cost_to_reach({**{f"fixed {b}": arms[a] for a, b in sorted(fixed.items(), key=lambda x: x[1])},
+                                  **{arm: arms[arm] for arm in ("linear", "gns") if arms.get(arm)}}, "linear", window)
+            sweep["to_linear_loss"] = {
+                arm: {"tokens": float(g.tokens.mean()), "steps": float(g.steps.mean()), "reached": int(g.reached.sum()),
+                      "seeds": len(g), "level": float(g.level.mean())}
+                for arm, g in cost.groupby("arm", sort=False)}
         best_arm = next(a for a, b in fixed.items() if b == best)
         for arm in ("linear", "gns"):
             seeds = sorted(set(arms[best_arm]) & set(arms.get(arm, {})))
@@ -307,6 +317,19 @@ def _schedule_rows(value: dict) -> list[tuple[str, str, str]]:
                      f"at {sweep['budget_tokens']:,.0f} tokens, batch {losses}; best: {sweep['best']}, reference: "
                      f"{reference}{note}" + (f"; the schedules there: {schedules}" if schedules else ""),
                      PAPER["schedule_sweep"]))
+        if "to_linear_loss" in sweep:
+            def cost(v: dict) -> str:
+                if not v["reached"]:
+                    return "never"
+                some = "" if v["reached"] == v["seeds"] else f", {v['reached']} of {v['seeds']} seeds"
+                return f"{v['tokens'] / 1e6:.1f}M tokens, {v['steps']:,.0f} steps{some}"
+
+            to = sweep["to_linear_loss"]
+            level = to["linear"]["level"]
+            rows.append((f"Claim 4: tokens and steps to the linear schedule's final loss ({level:.4f}, mean over "
+                         "seeds of where each arm first reached it)", "; ".join(f"{arm}: {cost(v)}"
+                                                                                for arm, v in to.items()),
+                         PAPER["schedule_sweep"]))
     return rows
 
 

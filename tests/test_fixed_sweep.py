@@ -430,3 +430,44 @@ def test_graphed_runs_of_a_loop_that_logged_host_times_count_in_tokens_and_steps
             f"{full['tokens_saved'][0]:.1f} +- {full['tokens_saved'][1]:.1f} % saved") in report
     assert f"{two['time_saved'][0]:.1f} +- {two['time_saved'][1]:.1f} % (over 2 seeds: the others' step times are " \
            "unknown)" in report
+
+
+def test_every_arms_tokens_and_steps_to_another_arms_final_loss(tmp_path):
+    """Loss C - slope * tokens: an arm first reaches a level L after (C - L) / slope tokens, at that over (its
+    step's batch * SEQ) steps; L is each seed's final smoothed loss of the target arm, and an arm falling more
+    slowly than the target never reaches it (here every fixed batch, for the linear schedule's)."""
+    from gnsrepro.analysis import cost_to_reach, loss_curve
+    from gnsrepro.runs import load_run
+
+    write_runs(tmp_path / "runs")
+    runs = {}
+    for path in sorted((tmp_path / "runs").glob("*-seed*")):
+        run = load_run(path, need_gns=False)
+        runs.setdefault(path.name.rsplit("-seed", 1)[0], {})[run.config["seed"]] = run.metrics
+    window = 25  # as test_fixed_batch_losses_read_every_batch_at_the_common_budget_and_find_the_best computes
+    # to the slowest arm's final loss (fixed 64): every arm gets there
+    table = cost_to_reach(runs, "constant-b64", window)
+    assert list(table.columns) == ["arm", "seed", "level", "tokens", "steps", "reached"] and len(table) == 5 * 3
+    levels = {s: loss_curve(runs["constant-b64"][s], window)["loss_monotone"].iloc[-1] for s in SEEDS}
+    arms = {"constant-b16": (("constant", 16), 16), "constant-b32": (("constant", 32), 32),
+            "linear": (("linear", 64), SCHEDULE_STEP_BATCH), "gns": (("gns", 64), SCHEDULE_STEP_BATCH)}
+    for (arm, seed), row in table.set_index(["arm", "seed"]).iterrows():
+        assert row.level == pytest.approx(levels[seed]) and row.reached
+        if arm in arms:
+            key, step_batch = arms[arm]
+            tokens = (C - levels[seed]) / slope(*key, seed)
+            assert row.tokens == pytest.approx(tokens, rel=1e-6)
+            assert row.steps == pytest.approx(tokens / (step_batch * SEQ), rel=1e-6)
+    # the report's row: to the linear schedule's final loss, which only the faster gns schedule reaches
+    to = schedule_numbers(tmp_path / "runs")["fixed_sweep"]["to_linear_loss"]
+    assert list(to) == ["fixed 16", "fixed 32", "fixed 64", "linear", "gns"]
+    linear = {s: loss_curve(runs["linear"][s], window)["loss_monotone"].iloc[-1] for s in SEEDS}
+    gns_tokens = np.mean([(C - linear[s]) / slope("gns", 64, s) for s in SEEDS])
+    assert to["gns"]["reached"] == to["gns"]["seeds"] == 3 and to["gns"]["tokens"] == pytest.approx(gns_tokens)
+    assert to["gns"]["level"] == pytest.approx(np.mean(list(linear.values())))
+    assert all(to[f"fixed {b}"]["reached"] == 0 and math.isnan(to[f"fixed {b}"]["tokens"]) for b in (16, 32, 64))
+    report = report_of(tmp_path / "runs", tmp_path / "out")
+    assert (f"| Claim 4: tokens and steps to the linear schedule's final loss ({to['linear']['level']:.4f}, mean over "
+            "seeds of where each arm first reached it) | fixed 16: never; fixed 32: never; fixed 64: never; linear: "
+            f"{to['linear']['tokens'] / 1e6:.1f}M tokens") in report
+    assert f"; gns: {gns_tokens / 1e6:.1f}M tokens, {gns_tokens / (SCHEDULE_STEP_BATCH * SEQ):,.0f} steps |" in report
