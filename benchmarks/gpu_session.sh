@@ -71,7 +71,7 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
                done ;;
     graphs)    run python3 -m pytest -q -s -m gpu tests/test_cuda_graphs.py tests/test_cross_entropy.py tests/test_per_example_grad.py \
                  tests/test_pegn.py::test_gpu_compile_inductor_same_norms ;;
-    graphloop) # the whole training loop replayed from CUDA graphs against the eager one (four compiled tiny runs, ~4 min)
+    graphloop) # the whole training loop replayed from CUDA graphs against the eager one (four compiled tiny runs, ~1 min)
                run python3 -m pytest -q -s -m gpu tests/test_cuda_graphs.py -k training_run ;;
     overheads) # the overhead table over models and micro-batches, interleaved per situation (MODELS=20M,111M MICROS=8,16,64
                # GRAPHS=true|false VARIANTS="ln torch,ln triton"; off is always timed); record=true writes the LayerNorm
