@@ -135,7 +135,7 @@ def test_the_cli_brackets_the_bench_lists():
     (["micro_batch_size=0"], r"^micro_batch_size=0: accepts positive integers"),
     (["models=[20M,tiny]", "seq_len=512"], r"^seq_len=512 is longer than model tiny's context model.block_size=128$"),
     (["record=true"], r"^record=true writes .* needs a CUDA GPU"),
-    (["variants=[ln,off]"], r"^variants: 'ln' is not a variant; accepted: off, ln torch, ln triton, all simultaneous, "),
+    (["variants=[ln,off]"], r"^variants: 'ln' is not a variant; accepted: off, ln torch, ln triton, all "),
 ])
 def test_bad_situations_are_refused_before_any_work(overrides, message, monkeypatch, capsys):
     monkeypatch.setattr(B, "time_overhead", lambda cfg, device: pytest.fail("timed a situation"))

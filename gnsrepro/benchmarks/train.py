@@ -6,14 +6,14 @@ around the timed block. MFU counts 6N + 12·L·d·T FLOPs per token (GPT.flops_p
 device's dense bf16 peak.
 
 `bench overhead` times each variant of OVERHEAD_VARIANTS (or those that variants= names) against gns=off
-(time_overhead: interleaved rounds) in every situation, a (model, micro-batch, compile) of the lists models=, micro_batch_sizes= and
-compiles= (an empty list: the single model=, micro_batch_size=, compile=; `models=20M,111M` is bracketed by
-the CLI), one situation after another, memory and compiled graphs freed between them. A situation that runs
-out of GPU memory is "OOM" in the table and the others go on. cuda_graphs= applies to every situation (a
-situation's step is graphed where gnsrepro.train.use_cuda_graphs says so). At the end it prints one table
-(rows: model, seq_len, micro-batch, compile, cuda_graphs; columns: gns=off's step time and MFU, each
-variant's step time as a multiple of gns=off's, and the LayerNorm backend gns.ln_backend=auto picks there)
-and, with out=, writes a parquet of one row per situation and variant:
+(time_overhead: interleaved rounds) in every situation, a (model, micro-batch, compile) of the lists models=,
+micro_batch_sizes= and compiles= (an empty list: the single model=, micro_batch_size=, compile=;
+`models=20M,111M` is bracketed by the CLI), one situation after another, memory and compiled graphs freed
+between them. A situation that runs out of GPU memory is "OOM" in the table and the others go on. cuda_graphs=
+applies to every situation (a situation's step is graphed where gnsrepro.train.use_cuda_graphs says so). At the
+end it prints one table (rows: model, seq_len, micro-batch, compile, cuda_graphs; columns: gns=off's step time
+and MFU, each variant's step time as a multiple of gns=off's, and the LayerNorm backend gns.ln_backend=auto
+picks there) and, with out=, writes a parquet of one row per situation and variant:
 
   model, n_embd, seq_len, micro_batch_size, compile   the situation
   cuda_graphs         whether each step was replayed from a CUDA graph (gnsrepro.cuda_graphs)
