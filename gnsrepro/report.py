@@ -173,10 +173,10 @@ def kernel_numbers(table: str | os.PathLike) -> dict:
     """Claim 3 from `gnsrepro bench layernorm`'s parquet: the Triton kernel's time over PyTorch's, as device time
     (the best measurement the table has, as the lnbench figure draws: what a step replayed on the GPU pays) and
     called eagerly (host time included, what an eager step pays at small sizes)."""
-    from gnsrepro.figures.lnbench import _device_time_kind, read_bench_table
+    from gnsrepro.figures.lnbench import device_time_kind, read_bench_table
 
     df = read_bench_table(table)
-    prefix, kind = _device_time_kind(df)
+    prefix, kind = device_time_kind(df)
     device = df[f"{prefix}triton_us"] / df[f"{prefix}torch_us"]
     eager = df["triton_us"] / df["torch_us"]
     return {"min": float(device.min()), "max": float(device.max()), "kind": kind,

@@ -45,7 +45,7 @@ def read_bench_table(table: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
-def _device_time_kind(df: pd.DataFrame) -> tuple[str, str]:
+def device_time_kind(df: pd.DataFrame) -> tuple[str, str]:
     """(column prefix, description) of the best device-time measurement the table has."""
     if {"stream_torch_us", "stream_triton_us"} <= set(df.columns):
         return "stream_", "device time in the stream"
@@ -57,7 +57,7 @@ def _device_time_kind(df: pd.DataFrame) -> tuple[str, str]:
 def lnbench_values(df: pd.DataFrame) -> pd.DataFrame:
     """The plotted values, long: dtype, N, series, time_us (series: torch / triton with _device or _eager,
     torch_pe_eager, copy_floor)."""
-    prefix, _ = _device_time_kind(df)
+    prefix, _ = device_time_kind(df)
     rows = []
     for r in df.itertuples(index=False):
         r = r._asdict()
@@ -85,7 +85,7 @@ def _title(df: pd.DataFrame) -> str:
 
 def draw_lnbench(df: pd.DataFrame, values: pd.DataFrame):
     """One panel per dtype: time (µs, log) against hidden size (log2)."""
-    _, device_kind = _device_time_kind(df)
+    _, device_kind = device_time_kind(df)
     dtypes = list(dict.fromkeys(df["dtype"]))
     fig = new_figure(5.6 * len(dtypes), 4.9)
     axes = np.atleast_1d(fig.subplots(1, len(dtypes), squeeze=False).ravel())
