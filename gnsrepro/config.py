@@ -29,8 +29,8 @@ class ModelConfig:
     # blocks whose attention L2-normalises query and key (the paper's stability fix: [0])
     cosine_attn_blocks: list[int] = field(default_factory=list)
     attention: str = "sdpa"  # sdpa (F.scaled_dot_product_attention: flash on a GPU) | math (written out, float32)
-    # torch (F.cross_entropy) | triton (gnsrepro/kernels/cross_entropy.py) | auto (triton in eager CUDA runs)
-    loss_kernel: str = "torch"
+    # torch (F.cross_entropy) | triton (gnsrepro/kernels/cross_entropy.py) | auto (triton on CUDA, torch elsewhere)
+    loss_kernel: str = "auto"
 
 
 def named_model(name: str, setting: str = "model") -> Any:

@@ -174,8 +174,8 @@ class GPTConfig:
     bias: bool = True
     cosine_attn_blocks: tuple[int, ...] = field(default_factory=tuple)
     attention: str = "sdpa"  # ATTENTIONS: sdpa (F.scaled_dot_product_attention: flash on a GPU) | math (written out)
-    # LOSS_KERNELS: torch (F.cross_entropy) | triton (gnsrepro.kernels.cross_entropy) | auto (triton in eager CUDA)
-    loss_kernel: str = "torch"
+    # LOSS_KERNELS: torch (F.cross_entropy) | triton (gnsrepro.kernels.cross_entropy) | auto (triton on CUDA)
+    loss_kernel: str = "auto"
 
 
 class GPT(nn.Module):
@@ -234,11 +234,11 @@ class GPT(nn.Module):
         logits = self.transformer.wte.unembed(x)
         # mean over all B*T tokens: example b's gradient is that of its own mean token loss, over B
         kernel = self.config.loss_kernel
-        # auto: the kernels in eager CUDA runs only, until the whole compiled step is timed with them (bench
-        # overhead's "off triton loss"): alone, (16·1024, 50304) bf16 forward + backward on an H200, the two
-        # kernels take 1.33 ms eager or compiled, inductor's own loss 2.10 ms, eager F.cross_entropy 10.7 ms
-        # (docs/benchmarks.md)
-        if kernel == "triton" or (kernel == "auto" and logits.is_cuda and not torch.compiler.is_compiling()):
+        # auto: the kernels on CUDA, eager or compiled. In the whole compiled gns=off step on an H200 (bench
+        # overhead, CUDA graphs, docs/benchmarks.md) they take 0.914-0.925x the step time with inductor's own loss at
+        # 20M (micro-batch 16, 64) and 0.976-0.998x at 111M; alone, (16·1024, 50304) bf16 forward + backward, 1.33 ms
+        # against inductor's 2.10 and eager F.cross_entropy's 10.7
+        if kernel == "triton" or (kernel == "auto" and logits.is_cuda):
             from gnsrepro.kernels.cross_entropy import cross_entropy
 
             # the same value and gradient from two fused kernels (loss and log-sum-exp; the gradient); it overwrites

@@ -344,6 +344,29 @@ def test_gpt_triton_loss_gives_the_torch_loss_gradients_and_per_example_norms():
                                rtol=1e-6, atol=0)
 
 
+def test_auto_loss_on_a_cpu_is_torchs(monkeypatch):
+    """loss_kernel=auto (the default) off CUDA: F.cross_entropy, the Triton kernels never called (not even in the
+    interpreter), and the same loss and gradients as loss_kernel=torch."""
+    import gnsrepro.kernels.cross_entropy as CE
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto called the Triton loss on a CPU")
+
+    monkeypatch.setattr(CE, "cross_entropy", refuse)
+    assert GPTConfig().loss_kernel == "auto"
+    cfg = GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8)
+    idx = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(0))
+    got = {}
+    for kernel in ("auto", "torch"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**{**cfg.__dict__, "loss_kernel": kernel}))
+        _, loss = model(idx, idx)
+        loss.backward()
+        got[kernel] = loss.detach(), [p.grad for p in model.parameters()]
+    assert torch.equal(got["auto"][0], got["torch"][0])
+    assert all(torch.equal(a, b) for a, b in zip(got["auto"][1], got["torch"][1]))
+
+
 def test_gpt_rejects_an_unknown_loss_kernel():
     with pytest.raises(ValueError, match="loss_kernel='cuda' is not known; accepted: auto, torch, triton"):
         GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8, loss_kernel="cuda"))
@@ -411,12 +434,13 @@ def test_gpu_real_shape_bf16_matches_torch_and_times():
 
 @pytest.mark.gpu
 def test_gpu_compiled_gpt_step_same_loss_and_grads():
-    """A compiled bf16-autocast GPT with the Triton loss (the custom op under inductor) against the torch loss."""
+    """A compiled bf16-autocast GPT with the Triton loss (the custom op under inductor) against the torch loss, and
+    loss_kernel=auto's (the default) against the Triton one."""
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64)
     idx = torch.randint(0, 50304, (4, 64), device="cuda")
     grads = {}
-    for kernel in ("torch", "triton"):
+    for kernel in ("torch", "triton", "auto"):
         torch.manual_seed(0)
         model = GPT(GPTConfig(**{**cfg.__dict__, "loss_kernel": kernel})).cuda()
         torch._dynamo.reset()
@@ -428,3 +452,7 @@ def test_gpu_compiled_gpt_step_same_loss_and_grads():
     torch.testing.assert_close(grads["triton"][0], grads["torch"][0], rtol=1e-5, atol=0)
     for n, g in grads["torch"][1].items():
         torch.testing.assert_close(grads["triton"][1][n], g, rtol=2e-2, atol=1e-5, msg=n)
+    # auto (the default) is the Triton loss on CUDA, compiled too: the same kernels, the same bits
+    assert torch.equal(grads["auto"][0], grads["triton"][0])
+    for n, g in grads["triton"][1].items():
+        assert torch.equal(grads["auto"][1][n], g), n

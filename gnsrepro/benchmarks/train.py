@@ -18,8 +18,8 @@ picks there) and, with out=, writes a parquet of one row per situation and varia
   model, n_embd, seq_len, micro_batch_size, compile   the situation
   cuda_graphs         whether each step was replayed from a CUDA graph (gnsrepro.cuda_graphs)
   variant             an OVERHEAD_VARIANTS label: off, ln torch, ln triton, all simultaneous, all ghost,
-                      "all triton linear" (gns.linear_backend=triton) and "off triton loss" (gns=off with
-                      model.loss_kernel=triton); the Triton ones on CUDA only
+                      "all triton linear" (gns.linear_backend=triton) and "off torch loss" (gns=off with
+                      model.loss_kernel=torch in place of auto's Triton loss); these two and ln triton on CUDA only
   status              "ok", or "OOM" when the situation ran out of GPU memory (its times NaN)
   step_time_s         median step time in seconds
   tokens_per_s        micro_batch_size * seq_len / step_time_s
@@ -68,11 +68,13 @@ class Variant(NamedTuple):
     method: str = "auto"  # gns.method
     ln_backend: str = "auto"  # gns.ln_backend
     linear_backend: str = "torch"  # gns.linear_backend (the simultaneous method's Linear layers and head)
-    loss_kernel: str = "torch"  # model.loss_kernel
+    loss_kernel: str = "auto"  # model.loss_kernel (auto, the default: the Triton loss on CUDA)
 
     @property
-    def cuda_only(self) -> bool:  # a Triton kernel that the CPU runs only in the interpreter
-        return "triton" in (self.ln_backend, self.linear_backend, self.loss_kernel)
+    def cuda_only(self) -> bool:
+        """A Triton kernel that the CPU runs only in the interpreter, or a loss that on a CPU is auto's own (so the
+        variant would time gns=off again)."""
+        return "triton" in (self.ln_backend, self.linear_backend) or self.loss_kernel != "auto"
 
 
 OVERHEAD_VARIANTS = (
@@ -84,9 +86,9 @@ OVERHEAD_VARIANTS = (
     # every layer with the Triton weight-gradient kernel (gnsrepro/kernels/per_example_grad.py), which never
     # writes the per-example gradients that the torch path materialises (824 MB a micro-batch for the 20M head)
     Variant("all triton linear", "all", "simultaneous", linear_backend="triton"),
-    # not a GNS variant: gns=off with the fused cross-entropy kernels (gnsrepro/kernels/cross_entropy.py), to
-    # time the whole step with them against inductor's own loss before they become a default
-    Variant("off triton loss", "off", loss_kernel="triton"),
+    # not a GNS variant: gns=off with PyTorch's loss (inductor's, compiled) in place of the default's fused
+    # cross-entropy kernels (gnsrepro/kernels/cross_entropy.py): what those save in the whole step
+    Variant("off torch loss", "off", loss_kernel="torch"),
 )
 
 
