@@ -74,12 +74,16 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
     graphloop) # the whole training loop replayed from CUDA graphs against the eager one (four compiled tiny runs, ~1 min)
                run python3 -m pytest -q -s -m gpu tests/test_cuda_graphs.py -k training_run ;;
     overheads) # the overhead table over models and micro-batches, interleaved per situation (MODELS=20M,111M MICROS=8,16,64
-               # GRAPHS=true|false VARIANTS="ln torch,ln triton"; off is always timed); record=true writes the LayerNorm
-               # backend rows auto reads
-               run python3 -m gnsrepro bench overhead "models=[${MODELS:-20M}]" "micro_batch_sizes=[${MICROS:-16,64}]" \
-                 cuda_graphs=${GRAPHS:-true} steps=${STEPS:-30} rounds=3 warmup=3 record=true out=$OUT/overheads.parquet \
-                 ${VARIANTS:+"variants=$VARIANTS"}
-               cp gnsrepro/kernels/ln_backend.csv "$OUT/ln_backend.csv" ;;
+               # GRAPHS=true|false COMPILE=true|false VARIANTS="ln torch,ln triton"; off is always timed); one bench
+               # call a model, each writing its own overheads-<model>.parquet and ln_backend.csv rows (record=true:
+               # the LayerNorm backend rows auto reads) as it ends, so a device call cut short keeps the models done
+               # (ROUNDS=1 holds one variant at a time, for the models whose variants do not fit the GPU together)
+               for m in $(echo "${MODELS:-20M}" | tr , ' '); do
+                 run python3 -m gnsrepro bench overhead "models=[$m]" "micro_batch_sizes=[${MICROS:-16,64}]" \
+                   compile=${COMPILE:-true} cuda_graphs=${GRAPHS:-true} steps=${STEPS:-30} rounds=${ROUNDS:-3} warmup=3 \
+                   record=true out=$OUT/overheads-$m.parquet ${VARIANTS:+"variants=$VARIANTS"}
+                 cp gnsrepro/kernels/ln_backend.csv "$OUT/ln_backend.csv"
+               done ;;
     profile)   # where a compiled step's time goes (SITUATIONS=MODEL:SEQ:MICRO:VARIANT,...)
                run python3 -m benchmarks.profile_step ${SITUATIONS:+--situations $SITUATIONS} ${EAGER:+--eager} \
                  --out $OUT/profile.csv ;;
