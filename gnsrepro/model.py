@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class LayerNorm(nn.Module):
@@ -67,6 +68,21 @@ class Layers:
 
 
 ATTENTIONS = ("sdpa", "math")  # GPTConfig.attention: the fused kernels, or plain attention written out
+SDPA_BACKENDS = ("auto", "flash", "cudnn")  # GPTConfig.sdpa_backend: which fused kernel attention=sdpa runs
+# cudnn: cuDNN's fused attention first, then PyTorch's own order (flash, memory-efficient, math) for the inputs it
+# cannot take (float32, for one: it runs bf16/fp16 only). PyTorch's order puts cuDNN last, after math.
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
+
+
+def sdpa_uses_cudnn(sdpa_backend: str, q: torch.Tensor) -> bool:
+    """Whether attention=sdpa asks for cuDNN's kernel first: sdpa_backend=cudnn, or auto on a Hopper GPU (compute
+    capability 9.x), where the whole compiled step measured faster with it (docs/benchmarks.md, `bench overhead`'s
+    "off flash attention" variant); flash (PyTorch's own order) elsewhere. torch.compile folds the device query to
+    a constant."""
+    if sdpa_backend == "auto":
+        return q.is_cuda and torch.cuda.get_device_properties(q.device).major == 9
+    return sdpa_backend == "cudnn"
 LOSS_KERNELS = ("auto", "torch", "triton")  # GPTConfig.loss_kernel
 
 
@@ -107,6 +123,9 @@ class CausalSelfAttention(nn.Module):
         if config.attention not in ATTENTIONS:
             raise ValueError(f"attention={config.attention!r} is not known; accepted: {', '.join(ATTENTIONS)}")
         self.attention = config.attention
+        if config.sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"sdpa_backend={config.sdpa_backend!r} is not known; accepted: {', '.join(SDPA_BACKENDS)}")
+        self.sdpa_backend = config.sdpa_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence, embedding
@@ -122,6 +141,9 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.attention == "math":
             y = math_attention(q, k, v, scale=scale, dropout_p=dropout_p)
+        elif sdpa_uses_cudnn(self.sdpa_backend, q):
+            with sdpa_kernel(CUDNN_FIRST, set_priority=True):
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
@@ -174,6 +196,7 @@ class GPTConfig:
     bias: bool = True
     cosine_attn_blocks: tuple[int, ...] = field(default_factory=tuple)
     attention: str = "sdpa"  # ATTENTIONS: sdpa (F.scaled_dot_product_attention: flash on a GPU) | math (written out)
+    sdpa_backend: str = "auto"  # SDPA_BACKENDS: flash (PyTorch's order) | cudnn (cuDNN first) | auto (sdpa_uses_cudnn)
     # LOSS_KERNELS: torch (F.cross_entropy) | triton (gnsrepro.kernels.cross_entropy) | auto (triton on CUDA)
     loss_kernel: str = "auto"
 

@@ -18,7 +18,7 @@ from gnsrepro.data.tokenizer import EOT
 from gnsrepro.errors import ConfigError
 from gnsrepro.gns import PARAM_GROUPS
 from gnsrepro.gns_tracker import SOURCES
-from gnsrepro.model import ATTENTIONS, LOSS_KERNELS
+from gnsrepro.model import ATTENTIONS, LOSS_KERNELS, SDPA_BACKENDS
 from gnsrepro.schedule import LR_SCALINGS, SCHEDULES
 
 VOCAB = EOT + 1  # token ids of every prepared data set (GPT-2 BPE) are below this
@@ -58,6 +58,8 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
          f"model.cosine_attn_blocks={list(m.cosine_attn_blocks)} must name blocks in [0, {m.n_layer})")
     need(m.attention in ATTENTIONS, f"model.attention={m.attention!r} is not known; accepted: {', '.join(ATTENTIONS)} "
          "(F.scaled_dot_product_attention's fused kernels, or attention written out in float32)")
+    need(m.sdpa_backend in SDPA_BACKENDS, f"model.sdpa_backend={m.sdpa_backend!r} is not known; accepted: "
+         f"{', '.join(SDPA_BACKENDS)} (auto: cuDNN's fused attention on a Hopper GPU, flash attention elsewhere)")
     need(m.loss_kernel in LOSS_KERNELS, f"model.loss_kernel={m.loss_kernel!r} is not known; accepted: "
          f"{', '.join(LOSS_KERNELS)} (auto: the fused Triton cross-entropy on CUDA, F.cross_entropy elsewhere)")
     seq_len = cfg.seq_len if cfg.seq_len is not None else m.block_size

@@ -46,7 +46,7 @@ RUN_FILES = ("config.yaml", "metrics.parquet", "gns.parquet", "ckpt.pt")  # any 
 def gpt_config(m: ModelConfig) -> GPTConfig:
     return GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
                      n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, cosine_attn_blocks=tuple(m.cosine_attn_blocks),
-                     attention=m.attention, loss_kernel=m.loss_kernel)
+                     attention=m.attention, sdpa_backend=m.sdpa_backend, loss_kernel=m.loss_kernel)
 
 
 def ln_backend_choice(g: GNSConfig, device: torch.device, n_embd: int | None = None, compile: bool = False,

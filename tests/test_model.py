@@ -33,3 +33,114 @@ def test_layer_norm_with_residual_returns_the_sum_and_its_norm():
     y, s = ln(x, r)
     torch.testing.assert_close(s, r + x, rtol=0, atol=0)
     torch.testing.assert_close(y, F.layer_norm(r + x, (8,), ln.weight, ln.bias, 1e-5), rtol=0, atol=0)
+
+
+# ---- attention=sdpa's kernel (GPTConfig.sdpa_backend) ---------------------------------------------------------
+ATTN = dict(block_size=32, vocab_size=64, n_layer=2, n_head=3, n_embd=24)
+
+
+def loss_and_grads(model: GPT, idx: torch.Tensor):
+    _, loss = model(idx, targets=idx)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_sdpa_backend_cudnn_falls_back_to_pytorchs_kernel_where_cudnn_cannot_run():
+    """On a CPU (and for float32 inputs anywhere) cuDNN's attention cannot run: cudnn falls back along PyTorch's
+    own order, the same kernel as flash, bit for bit; auto is flash on a CPU."""
+    from gnsrepro.model import sdpa_uses_cudnn
+
+    idx = torch.randint(0, 64, (3, 29), generator=torch.Generator().manual_seed(1))
+    got = {}
+    for backend in ("flash", "cudnn", "auto"):
+        torch.manual_seed(0)
+        got[backend] = loss_and_grads(GPT(GPTConfig(**ATTN, sdpa_backend=backend)), idx)
+    for backend in ("cudnn", "auto"):
+        assert torch.equal(got[backend][0], got["flash"][0])
+        assert all(torch.equal(g, got["flash"][1][n]) for n, g in got[backend][1].items())
+    q = torch.zeros(1, 1, 2, 8)
+    assert not sdpa_uses_cudnn("auto", q) and sdpa_uses_cudnn("cudnn", q) and not sdpa_uses_cudnn("flash", q)
+
+
+def test_sdpa_backend_context_compiles_without_a_graph_break():
+    """torch.compile traces the cudnn-first sdpa_kernel context inside forward into one graph (fullgraph=True
+    raises at a graph break), and gives the eager loss."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**ATTN, sdpa_backend="cudnn"))
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    _, loss = torch.compile(model, fullgraph=True, backend="eager")(idx, targets=idx)
+    torch.testing.assert_close(loss, model(idx, targets=idx)[1], rtol=0, atol=0)
+
+
+def test_unknown_sdpa_backend_is_refused_by_the_model_and_by_validate():
+    from hydra import compose, initialize_config_dir
+
+    from gnsrepro.cli import conf_dir
+    from gnsrepro.config import register_configs
+    from gnsrepro.errors import ConfigError
+    from gnsrepro.settings import validate
+
+    with pytest.raises(ValueError, match="sdpa_backend='fa3' is not known; accepted: auto, flash, cudnn"):
+        GPT(GPTConfig(**ATTN, sdpa_backend="fa3"))
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["model.sdpa_backend=fa3", "max_steps=1"])
+    with pytest.raises(ConfigError, match=r"^model.sdpa_backend='fa3' is not known; accepted: auto, flash, cudnn"):
+        validate(cfg)
+
+
+def attention_ops(fn) -> set[str]:
+    """The fused attention ops (aten::_scaled_dot_product_*_attention, forward and backward) that fn() ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product_")}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gpu_sdpa_backend_runs_its_kernel_and_matches_float64_attention(compiled):
+    """bf16 attention at a real head size (64) and an odd length: each sdpa_backend runs the kernel it names
+    (auto: cuDNN's on a Hopper GPU, flash elsewhere), eager and compiled, and its output and q, k, v gradients
+    are as close to float64 attention (math_attention of the same bf16 inputs) as flash attention's are."""
+    from gnsrepro.model import CUDNN_FIRST, CausalSelfAttention, Layers, math_attention, sdpa_kernel
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=1024, n_layer=1, n_head=4, n_embd=256)
+    x = torch.randn(3, 1000, 256, device="cuda")
+    hopper = torch.cuda.get_device_properties(0).major == 9
+    kernel = {"flash": "flash", "cudnn": "cudnn", "auto": "cudnn" if hopper else "flash"}
+    errors = {}
+    for backend in ("flash", "cudnn", "auto"):
+        torch.manual_seed(1)
+        attn = CausalSelfAttention(GPTConfig(**{**cfg.__dict__, "sdpa_backend": backend}), Layers()).cuda()
+        step = torch.compile(attn) if compiled else attn
+        torch._dynamo.reset()
+
+        def fwd_bwd(step=step):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = step(x)
+            y.float().square().mean().backward()
+            return y
+
+        ops = attention_ops(fwd_bwd)
+        assert any(f"{kernel[backend]}_attention" in op for op in ops), (backend, ops)
+        assert not any(f"{'flash' if kernel[backend] == 'cudnn' else 'cudnn'}_attention" in op for op in ops), ops
+        # numerics: the kernel that ran, eagerly, on the module's own bf16 q, k, v
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            q, k, v = attn.c_attn(x).split(256, dim=2)
+        q, k, v = (t.detach().view(3, 1000, 4, 64).transpose(1, 2).requires_grad_() for t in (q, k, v))
+        order = CUDNN_FIRST if kernel[backend] == "cudnn" else CUDNN_FIRST[1:]
+        with sdpa_kernel(order, set_priority=True):
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        y64 = math_attention(q64, k64, v64)
+        y64.backward(dy.double())
+        errors[backend] = [(a.double() - b).abs().max().item() / b.abs().max().item()
+                           for a, b in ((y, y64), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad))]
+    for backend in ("cudnn", "auto"):
+        for got, flash in zip(errors[backend], errors["flash"]):
+            assert got <= 2 * flash + 1e-3, (backend, errors)
+    print({b: [f"{e:.1e}" for e in errs] for b, errs in errors.items()})

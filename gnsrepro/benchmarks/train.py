@@ -18,8 +18,9 @@ picks there) and, with out=, writes a parquet of one row per situation and varia
   model, n_embd, seq_len, micro_batch_size, compile   the situation
   cuda_graphs         whether each step was replayed from a CUDA graph (gnsrepro.cuda_graphs)
   variant             an OVERHEAD_VARIANTS label: off, ln torch, ln triton, all simultaneous, all ghost,
-                      "all triton linear" (gns.linear_backend=triton) and "off torch loss" (gns=off with
-                      model.loss_kernel=torch in place of auto's Triton loss); these two and ln triton on CUDA only
+                      "all triton linear" (gns.linear_backend=triton), "off torch loss" (gns=off with
+                      model.loss_kernel=torch in place of auto's Triton loss) and "off flash attention" (gns=off
+                      with model.sdpa_backend=flash); these three and ln triton on CUDA only
   status              "ok", or "OOM" when the situation ran out of GPU memory (its times NaN)
   step_time_s         median step time in seconds
   tokens_per_s        micro_batch_size * seq_len / step_time_s
@@ -69,12 +70,14 @@ class Variant(NamedTuple):
     ln_backend: str = "auto"  # gns.ln_backend
     linear_backend: str = "torch"  # gns.linear_backend (the simultaneous method's Linear layers and head)
     loss_kernel: str = "auto"  # model.loss_kernel (auto, the default: the Triton loss on CUDA)
+    sdpa_backend: str = "auto"  # model.sdpa_backend (auto, the default: cuDNN's attention on a Hopper GPU)
 
     @property
     def cuda_only(self) -> bool:
-        """A Triton kernel that the CPU runs only in the interpreter, or a loss that on a CPU is auto's own (so the
-        variant would time gns=off again)."""
-        return "triton" in (self.ln_backend, self.linear_backend) or self.loss_kernel != "auto"
+        """A Triton kernel that the CPU runs only in the interpreter, or a loss or attention kernel that on a CPU is
+        auto's own (so the variant would time gns=off again)."""
+        return ("triton" in (self.ln_backend, self.linear_backend) or self.loss_kernel != "auto"
+                or self.sdpa_backend != "auto")
 
 
 OVERHEAD_VARIANTS = (
@@ -89,6 +92,8 @@ OVERHEAD_VARIANTS = (
     # not a GNS variant: gns=off with PyTorch's loss (inductor's, compiled) in place of the default's fused
     # cross-entropy kernels (gnsrepro/kernels/cross_entropy.py): what those save in the whole step
     Variant("off torch loss", "off", loss_kernel="torch"),
+    # not a GNS variant either: gns=off with flash attention (PyTorch's own order) where auto runs cuDNN's
+    Variant("off flash attention", "off", sdpa_backend="flash"),
 )
 
 
@@ -248,7 +253,7 @@ def time_overhead(cfg, device: torch.device) -> list[dict]:
         g = copy.deepcopy(cfg.gns)
         g.mode, g.method, g.ln_backend, g.linear_backend = v.mode, v.method, v.ln_backend, v.linear_backend
         c = copy.deepcopy(cfg)
-        c.model.loss_kernel = v.loss_kernel
+        c.model.loss_kernel, c.model.sdpa_backend = v.loss_kernel, v.sdpa_backend
         t0 = time.perf_counter()
         step, drain, model = _warmed_up(c, g, device)
         if cfg.rounds > 1:
