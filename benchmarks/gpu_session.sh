@@ -16,7 +16,7 @@ status=0
 run() { echo "+ $*"; "$@" || { echo "FAILED ($?): $*"; status=1; }; }
 for stage in "$@"; do
   case $stage in
-    tests)     run python3 -m pytest -q -m gpu tests ;;
+    tests)     run python3 -m pytest -q -m gpu ${TESTS:-tests} ;;   # TESTS="tests/test_model.py ...": those only
     layernorm) run python3 -m gnsrepro bench layernorm out=$OUT/layernorm.parquet ;;
     diagnose)  run python3 -m benchmarks.tuning.layernorm --diagnose ;;
     fixed)     run python3 -m benchmarks.tuning.layernorm --fixed-costs --sizes ${SIZES:-768} --dtypes ${DTYPES:-bf16} \
