@@ -69,20 +69,14 @@ class Layers:
 
 ATTENTIONS = ("sdpa", "math")  # GPTConfig.attention: the fused kernels, or plain attention written out
 SDPA_BACKENDS = ("auto", "flash", "cudnn")  # GPTConfig.sdpa_backend: which fused kernel attention=sdpa runs
-# cudnn: cuDNN's fused attention first, then PyTorch's own order (flash, memory-efficient, math) for the inputs it
-# cannot take (float32, for one: it runs bf16/fp16 only). PyTorch's order puts cuDNN last, after math.
-CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-               SDPBackend.MATH]
-
-
-def sdpa_uses_cudnn(sdpa_backend: str, q: torch.Tensor) -> bool:
-    """Whether attention=sdpa asks for cuDNN's kernel first: sdpa_backend=cudnn, or auto on a Hopper GPU (compute
-    capability 9.x), where the whole compiled step measured faster with it (docs/benchmarks.md, `bench overhead`'s
-    "off flash attention" variant); flash (PyTorch's own order) elsewhere. torch.compile folds the device query to
-    a constant."""
-    if sdpa_backend == "auto":
-        return q.is_cuda and torch.cuda.get_device_properties(q.device).major == 9
-    return sdpa_backend == "cudnn"
+# The kernel orders that sdpa_backend=flash and =cudnn ask for (sdpa_kernel(..., set_priority=True)): each falls back
+# along the rest for inputs its first cannot take (cuDNN's runs bf16/fp16 only; flash attention needs a GPU). auto
+# leaves the choice to PyTorch, which on a Hopper GPU (torch 2.11) picks cuDNN's kernel for bf16, 1.5-1.8x faster
+# than flash attention at the models' shapes on an H200 (benchmarks/attention_kernels.py, docs/benchmarks.md).
+SDPA_ORDERS = {
+    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+}
 LOSS_KERNELS = ("auto", "torch", "triton")  # GPTConfig.loss_kernel
 
 
@@ -141,8 +135,8 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.attention == "math":
             y = math_attention(q, k, v, scale=scale, dropout_p=dropout_p)
-        elif sdpa_uses_cudnn(self.sdpa_backend, q):
-            with sdpa_kernel(CUDNN_FIRST, set_priority=True):
+        elif self.sdpa_backend in SDPA_ORDERS:
+            with sdpa_kernel(SDPA_ORDERS[self.sdpa_backend], set_priority=True):
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
@@ -196,7 +190,7 @@ class GPTConfig:
     bias: bool = True
     cosine_attn_blocks: tuple[int, ...] = field(default_factory=tuple)
     attention: str = "sdpa"  # ATTENTIONS: sdpa (F.scaled_dot_product_attention: flash on a GPU) | math (written out)
-    sdpa_backend: str = "auto"  # SDPA_BACKENDS: flash (PyTorch's order) | cudnn (cuDNN first) | auto (sdpa_uses_cudnn)
+    sdpa_backend: str = "auto"  # SDPA_BACKENDS: auto (PyTorch's pick) | flash | cudnn (each first)
     # LOSS_KERNELS: torch (F.cross_entropy) | triton (gnsrepro.kernels.cross_entropy) | auto (triton on CUDA)
     loss_kernel: str = "auto"
 

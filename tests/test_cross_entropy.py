@@ -452,7 +452,9 @@ def test_gpu_compiled_gpt_step_same_loss_and_grads():
     torch.testing.assert_close(grads["triton"][0], grads["torch"][0], rtol=1e-5, atol=0)
     for n, g in grads["torch"][1].items():
         torch.testing.assert_close(grads["triton"][1][n], g, rtol=2e-2, atol=1e-5, msg=n)
-    # auto (the default) is the Triton loss on CUDA, compiled too: the same kernels, the same bits
+    # auto (the default) is the Triton loss on CUDA, compiled too: the same kernels, the same loss bits; the
+    # gradients agree to the rounding of atomic adds (inductor's embedding backward, the attention backward),
+    # which are not bitwise repeatable, far inside the 2e-2 that tells the Triton loss from PyTorch's
     assert torch.equal(grads["auto"][0], grads["triton"][0])
     for n, g in grads["triton"][1].items():
-        assert torch.equal(grads["auto"][1][n], g), n
+        torch.testing.assert_close(grads["auto"][1][n], g, rtol=1e-4, atol=1e-7, msg=n)

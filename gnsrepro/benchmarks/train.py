@@ -70,7 +70,7 @@ class Variant(NamedTuple):
     ln_backend: str = "auto"  # gns.ln_backend
     linear_backend: str = "torch"  # gns.linear_backend (the simultaneous method's Linear layers and head)
     loss_kernel: str = "auto"  # model.loss_kernel (auto, the default: the Triton loss on CUDA)
-    sdpa_backend: str = "auto"  # model.sdpa_backend (auto, the default: cuDNN's attention on a Hopper GPU)
+    sdpa_backend: str = "auto"  # model.sdpa_backend (auto, the default: PyTorch's pick, cuDNN's on a Hopper GPU)
 
     @property
     def cuda_only(self) -> bool:
@@ -92,7 +92,7 @@ OVERHEAD_VARIANTS = (
     # not a GNS variant: gns=off with PyTorch's loss (inductor's, compiled) in place of the default's fused
     # cross-entropy kernels (gnsrepro/kernels/cross_entropy.py): what those save in the whole step
     Variant("off torch loss", "off", loss_kernel="torch"),
-    # not a GNS variant either: gns=off with flash attention (PyTorch's own order) where auto runs cuDNN's
+    # not a GNS variant either: gns=off with flash attention where PyTorch's pick (auto) may be another kernel
     Variant("off flash attention", "off", sdpa_backend="flash"),
 )
 
