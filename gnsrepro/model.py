@@ -70,11 +70,13 @@ class Layers:
 ATTENTIONS = ("sdpa", "math")  # GPTConfig.attention: the fused kernels, or plain attention written out
 SDPA_BACKENDS = ("auto", "flash", "cudnn")  # GPTConfig.sdpa_backend: which fused kernel attention=sdpa runs
 # The kernel orders that sdpa_backend=flash and =cudnn ask for (sdpa_kernel(..., set_priority=True)): each falls back
-# along the rest for inputs its first cannot take (cuDNN's runs bf16/fp16 only; flash attention needs a GPU). auto
+# along the rest for inputs its first cannot take (cuDNN's runs bf16/fp16 only; flash attention needs a GPU); flash's
+# leaves cuDNN's kernel out, which eager PyTorch 2.11 on an H200 still picked for the model's strided q, k, v when it
+# came last. auto
 # leaves the choice to PyTorch, which on a Hopper GPU (torch 2.11) picks cuDNN's kernel for bf16, 1.5-1.8x faster
 # than flash attention at the models' shapes on an H200 (benchmarks/attention_kernels.py, docs/benchmarks.md).
 SDPA_ORDERS = {
-    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION],
+    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
 }
 LOSS_KERNELS = ("auto", "torch", "triton")  # GPTConfig.loss_kernel
