@@ -68,17 +68,29 @@ class Layers:
 
 
 ATTENTIONS = ("sdpa", "math")  # GPTConfig.attention: the fused kernels, or plain attention written out
-SDPA_BACKENDS = ("auto", "flash", "cudnn")  # GPTConfig.sdpa_backend: which fused kernel attention=sdpa runs
+SDPA_BACKENDS = ("auto", "pytorch", "flash", "cudnn")  # GPTConfig.sdpa_backend: the kernel attention=sdpa runs
 # The kernel orders that sdpa_backend=flash and =cudnn ask for (sdpa_kernel(..., set_priority=True)): each falls back
-# along the rest for inputs its first cannot take (cuDNN's runs bf16/fp16 only; flash attention needs a GPU); flash's
-# leaves cuDNN's kernel out, which eager PyTorch 2.11 on an H200 still picked for the model's strided q, k, v when it
-# came last. auto
-# leaves the choice to PyTorch, which on a Hopper GPU (torch 2.11) picks cuDNN's kernel for bf16, 1.5-1.8x faster
-# than flash attention at the models' shapes on an H200 (benchmarks/attention_kernels.py, docs/benchmarks.md).
+# along the rest for inputs its first cannot take (cuDNN's runs bf16/fp16 only; flash attention needs a GPU). flash's
+# leaves cuDNN's kernel out: eager PyTorch 2.11 on an H200 still ran cuDNN's for the model's strided q, k, v when it
+# came last. pytorch leaves the choice to PyTorch, which on a Hopper GPU also runs cuDNN's kernel for bf16.
 SDPA_ORDERS = {
     "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
 }
+
+
+def sdpa_order(sdpa_backend: str, q: torch.Tensor) -> list | None:
+    """The kernel order attention=sdpa runs under (None: PyTorch's own). auto is cudnn's on a Hopper GPU (compute
+    capability 9.x), where in the whole compiled step on an H200 it measured 0.95x (20M) and 0.92x (111M) the step
+    time of PyTorch's own pick, which runs cuDNN's kernel too, and cuDNN's kernel 1.5-1.8x faster than flash
+    attention at the models' shapes (docs/benchmarks.md); PyTorch's own elsewhere. torch.compile folds the device
+    query to a constant."""
+    if sdpa_backend == "auto":
+        hopper = q.is_cuda and torch.cuda.get_device_properties(q.device).major == 9
+        return SDPA_ORDERS["cudnn"] if hopper else None
+    return SDPA_ORDERS.get(sdpa_backend)
+
+
 LOSS_KERNELS = ("auto", "torch", "triton")  # GPTConfig.loss_kernel
 
 
@@ -137,8 +149,8 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.attention == "math":
             y = math_attention(q, k, v, scale=scale, dropout_p=dropout_p)
-        elif self.sdpa_backend in SDPA_ORDERS:
-            with sdpa_kernel(SDPA_ORDERS[self.sdpa_backend], set_priority=True):
+        elif (order := sdpa_order(self.sdpa_backend, q)) is not None:
+            with sdpa_kernel(order, set_priority=True):
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
@@ -192,7 +204,7 @@ class GPTConfig:
     bias: bool = True
     cosine_attn_blocks: tuple[int, ...] = field(default_factory=tuple)
     attention: str = "sdpa"  # ATTENTIONS: sdpa (F.scaled_dot_product_attention: flash on a GPU) | math (written out)
-    sdpa_backend: str = "auto"  # SDPA_BACKENDS: auto (PyTorch's pick) | flash | cudnn (each first)
+    sdpa_backend: str = "auto"  # SDPA_BACKENDS: auto | pytorch | flash | cudnn (sdpa_order)
     # LOSS_KERNELS: torch (F.cross_entropy) | triton (gnsrepro.kernels.cross_entropy) | auto (triton on CUDA)
     loss_kernel: str = "auto"
 

@@ -59,7 +59,7 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
     need(m.attention in ATTENTIONS, f"model.attention={m.attention!r} is not known; accepted: {', '.join(ATTENTIONS)} "
          "(F.scaled_dot_product_attention's fused kernels, or attention written out in float32)")
     need(m.sdpa_backend in SDPA_BACKENDS, f"model.sdpa_backend={m.sdpa_backend!r} is not known; accepted: "
-         f"{', '.join(SDPA_BACKENDS)} (auto: the kernel PyTorch picks; flash or cudnn: that kernel first)")
+         f"{', '.join(SDPA_BACKENDS)} (auto: cuDNN's first on a Hopper GPU, else the kernel PyTorch picks)")
     need(m.loss_kernel in LOSS_KERNELS, f"model.loss_kernel={m.loss_kernel!r} is not known; accepted: "
          f"{', '.join(LOSS_KERNELS)} (auto: the fused Triton cross-entropy on CUDA, F.cross_entropy elsewhere)")
     seq_len = cfg.seq_len if cfg.seq_len is not None else m.block_size

@@ -11,7 +11,7 @@ from gnsrepro.cli import conf_dir
 from gnsrepro.config import register_configs
 from gnsrepro.errors import ConfigError
 
-CPU_VARIANTS = ["off", "ln torch", "all simultaneous", "all ghost"]  # the other four: CUDA only
+CPU_VARIANTS = ["off", "ln torch", "all simultaneous", "all ghost"]  # the other five: CUDA only
 
 
 def bench_cfg(*overrides: str):
@@ -535,9 +535,10 @@ def test_the_committed_table_loads_and_every_row_is_well_formed():
     # (torch), eager at 111M the fused kernel wins (triton)
     assert L.choose_ln_backend("NVIDIA H200", True, 256, 16)[0] == "torch"
     assert L.choose_ln_backend("NVIDIA H100 80GB HBM3", False, 768, 16)[0] == "triton"
-    # with CUDA graphs (the host cost gone) at 20M the two are within 2%: triton 9.64 against torch 9.70 ms at
-    # micro-batch 16, torch 34.2 against triton 34.8 ms at 64
+    # with CUDA graphs (the host cost gone) the two are within 3% at every width: at 20M triton 8.93 against
+    # torch 9.04 ms at micro-batch 16; at 40M (448) torch 12.83 against triton 12.92 ms
     assert L.choose_ln_backend("NVIDIA H200", True, 256, 16, cuda_graphs=True)[0] == "triton"
-    assert L.choose_ln_backend("NVIDIA H200", True, 256, 64, cuda_graphs=True)[0] == "torch"
+    assert L.choose_ln_backend("NVIDIA H200", True, 448, 16, cuda_graphs=True)[0] == "torch"
     graphed = df[df.cuda_graphs]
-    assert len(graphed) >= 2 and graphed.compile.all() and set(graphed.n_embd) == {256}
+    assert len(graphed) >= 2 and graphed.compile.all() and {256, 448, 576, 768} <= set(graphed.n_embd)
+    assert ((graphed.torch_ms - graphed.triton_ms).abs() <= 0.03 * graphed.torch_ms).all()

@@ -47,13 +47,13 @@ def loss_and_grads(model: GPT, idx: torch.Tensor):
 
 def test_sdpa_backend_falls_back_to_pytorchs_kernel_where_its_own_cannot_run():
     """On a CPU neither cuDNN's attention nor flash attention can run: flash and cudnn fall back along their
-    orders to the kernel PyTorch picks itself (auto), bit for bit."""
+    orders, and auto is, the kernel PyTorch picks itself (pytorch), bit for bit."""
     idx = torch.randint(0, 64, (3, 29), generator=torch.Generator().manual_seed(1))
     got = {}
-    for backend in ("auto", "flash", "cudnn"):
+    for backend in ("pytorch", "auto", "flash", "cudnn"):
         torch.manual_seed(0)
         got[backend] = loss_and_grads(GPT(GPTConfig(**ATTN, sdpa_backend=backend)), idx)
-    for backend in ("flash", "cudnn"):
+    for backend in ("auto", "flash", "cudnn"):
         assert torch.equal(got[backend][0], got["auto"][0])
         assert all(torch.equal(g, got["auto"][1][n]) for n, g in got[backend][1].items())
 
@@ -77,12 +77,13 @@ def test_unknown_sdpa_backend_is_refused_by_the_model_and_by_validate():
     from gnsrepro.errors import ConfigError
     from gnsrepro.settings import validate
 
-    with pytest.raises(ValueError, match="sdpa_backend='fa3' is not known; accepted: auto, flash, cudnn"):
+    with pytest.raises(ValueError, match="sdpa_backend='fa3' is not known; accepted: auto, pytorch, flash, cudnn"):
         GPT(GPTConfig(**ATTN, sdpa_backend="fa3"))
     register_configs()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("train", overrides=["model.sdpa_backend=fa3", "max_steps=1"])
-    with pytest.raises(ConfigError, match=r"^model.sdpa_backend='fa3' is not known; accepted: auto, flash, cudnn"):
+    want = r"^model.sdpa_backend='fa3' is not known; accepted: auto, pytorch, flash, cudnn"
+    with pytest.raises(ConfigError, match=want):
         validate(cfg)
 
 
@@ -97,15 +98,16 @@ def attention_ops(fn) -> set[str]:
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_gpu_sdpa_backend_runs_its_kernel_and_matches_float64_attention(compiled):
     """bf16 attention at a real head size (64) and an odd length: sdpa_backend=flash and =cudnn run the kernel
-    they name, eager and compiled (auto runs one of the fused kernels, PyTorch's pick), and the output and q, k, v
-    gradients of cuDNN's kernel are as close to float64 attention (math_attention of the same bf16 inputs) as
-    flash attention's are."""
+    they name, eager and compiled, auto cuDNN's on a Hopper GPU (else PyTorch's pick, one fused kernel), and the
+    output and q, k, v gradients of cuDNN's kernel are as close to float64 attention (math_attention of the same
+    bf16 inputs) as flash attention's are."""
     from gnsrepro.model import SDPA_ORDERS, CausalSelfAttention, Layers, math_attention, sdpa_kernel
 
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=1024, n_layer=1, n_head=4, n_embd=256)
     x = torch.randn(3, 1000, 256, device="cuda")
-    for backend in ("flash", "cudnn", "auto"):
+    hopper = torch.cuda.get_device_properties(0).major == 9
+    for backend in ("flash", "cudnn", "auto", "pytorch"):
         torch.manual_seed(1)
         attn = CausalSelfAttention(GPTConfig(**{**cfg.__dict__, "sdpa_backend": backend}), Layers()).cuda()
         step = torch.compile(attn) if compiled else attn
@@ -118,7 +120,8 @@ def test_gpu_sdpa_backend_runs_its_kernel_and_matches_float64_attention(compiled
 
         ops = attention_ops(fwd_bwd)
         ran = {kernel for kernel in ("flash", "cudnn", "efficient") if any(f"_{kernel}_attention" in op for op in ops)}
-        assert ran == ({backend} if backend != "auto" else ran) and len(ran) == 1, (backend, ops)
+        want = {"auto": {"cudnn"} if hopper else ran, "pytorch": ran}.get(backend, {backend})
+        assert ran == want and len(ran) == 1, (backend, ops)
     errors = {}
     for backend, order in SDPA_ORDERS.items():  # the numerics of each kernel, on the same bf16 q, k, v
         torch.manual_seed(2)

@@ -19,8 +19,9 @@ picks there) and, with out=, writes a parquet of one row per situation and varia
   cuda_graphs         whether each step was replayed from a CUDA graph (gnsrepro.cuda_graphs)
   variant             an OVERHEAD_VARIANTS label: off, ln torch, ln triton, all simultaneous, all ghost,
                       "all triton linear" (gns.linear_backend=triton), "off torch loss" (gns=off with
-                      model.loss_kernel=torch in place of auto's Triton loss) and "off flash attention" (gns=off
-                      with model.sdpa_backend=flash); these three and ln triton on CUDA only
+                      model.loss_kernel=torch in place of auto's Triton loss), "off flash attention" and "off pytorch
+                      attention" (gns=off with model.sdpa_backend=flash, =pytorch); these four and ln triton on CUDA
+                      only
   status              "ok", or "OOM" when the situation ran out of GPU memory (its times NaN)
   step_time_s         median step time in seconds
   tokens_per_s        micro_batch_size * seq_len / step_time_s
@@ -70,7 +71,7 @@ class Variant(NamedTuple):
     ln_backend: str = "auto"  # gns.ln_backend
     linear_backend: str = "torch"  # gns.linear_backend (the simultaneous method's Linear layers and head)
     loss_kernel: str = "auto"  # model.loss_kernel (auto, the default: the Triton loss on CUDA)
-    sdpa_backend: str = "auto"  # model.sdpa_backend (auto, the default: PyTorch's pick, cuDNN's on a Hopper GPU)
+    sdpa_backend: str = "auto"  # model.sdpa_backend (auto, the default: cuDNN's attention first on a Hopper GPU)
 
     @property
     def cuda_only(self) -> bool:
@@ -92,8 +93,10 @@ OVERHEAD_VARIANTS = (
     # not a GNS variant: gns=off with PyTorch's loss (inductor's, compiled) in place of the default's fused
     # cross-entropy kernels (gnsrepro/kernels/cross_entropy.py): what those save in the whole step
     Variant("off torch loss", "off", loss_kernel="torch"),
-    # not a GNS variant either: gns=off with flash attention where PyTorch's pick (auto) may be another kernel
+    # not GNS variants either: gns=off with flash attention, and with the attention kernel PyTorch picks itself
+    # (model.sdpa_backend=flash, =pytorch), against auto's cuDNN first on a Hopper GPU
     Variant("off flash attention", "off", sdpa_backend="flash"),
+    Variant("off pytorch attention", "off", sdpa_backend="pytorch"),
 )
 
 
