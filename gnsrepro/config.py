@@ -29,7 +29,7 @@ class ModelConfig:
     # blocks whose attention L2-normalises query and key (the paper's stability fix: [0])
     cosine_attn_blocks: list[int] = field(default_factory=list)
     attention: str = "sdpa"  # sdpa (F.scaled_dot_product_attention: flash on a GPU) | math (written out, float32)
-    # attention=sdpa's kernel: auto (cudnn on a Hopper GPU, else pytorch) | pytorch (its own pick) | flash | cudnn
+    # attention=sdpa's kernel: auto (cudnn on a Hopper GPU, else PyTorch's pick) | flash | cudnn (that one first)
     sdpa_backend: str = "auto"
     # torch (F.cross_entropy) | triton (gnsrepro/kernels/cross_entropy.py) | auto (triton on CUDA, torch elsewhere)
     loss_kernel: str = "auto"

@@ -68,11 +68,11 @@ class Layers:
 
 
 ATTENTIONS = ("sdpa", "math")  # GPTConfig.attention: the fused kernels, or plain attention written out
-SDPA_BACKENDS = ("auto", "pytorch", "flash", "cudnn")  # GPTConfig.sdpa_backend: the kernel attention=sdpa runs
-# The kernel orders that sdpa_backend=flash and =cudnn ask for (sdpa_kernel(..., set_priority=True)): each falls back
-# along the rest for inputs its first cannot take (cuDNN's runs bf16/fp16 only; flash attention needs a GPU). flash's
-# leaves cuDNN's kernel out: eager PyTorch 2.11 on an H200 still ran cuDNN's for the model's strided q, k, v when it
-# came last. pytorch leaves the choice to PyTorch, which on a Hopper GPU also runs cuDNN's kernel for bf16.
+SDPA_BACKENDS = ("auto", "flash", "cudnn")  # GPTConfig.sdpa_backend: the fused kernel attention=sdpa runs
+# The kernel orders of sdpa_backend=flash and =cudnn, set around each call (sdpa_kernel(..., set_priority=True)):
+# each falls back along the rest for inputs its first cannot take (cuDNN's runs bf16/fp16 only; flash attention
+# needs a GPU). flash's leaves cuDNN's kernel out: PyTorch (torch 2.11, sdp_utils.cpp priority_order) installs its
+# own cuDNN-first order on a Hopper GPU at the first attention call, over an order set before it.
 SDPA_ORDERS = {
     "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
@@ -80,15 +80,15 @@ SDPA_ORDERS = {
 
 
 def sdpa_order(sdpa_backend: str, q: torch.Tensor) -> list | None:
-    """The kernel order attention=sdpa runs under (None: PyTorch's own). auto is cudnn's on a Hopper GPU (compute
-    capability 9.x), where in the whole compiled step on an H200 it measured 0.95x (20M) and 0.92x (111M) the step
-    time of PyTorch's own pick, which runs cuDNN's kernel too, and cuDNN's kernel 1.5-1.8x faster than flash
-    attention at the models' shapes (docs/benchmarks.md); PyTorch's own elsewhere. torch.compile folds the device
-    query to a constant."""
+    """The kernel order attention=sdpa runs under, or None for PyTorch's own. auto is cudnn's on a Hopper GPU
+    (compute capability 9.x): cuDNN's kernel is 1.5-1.8x faster than flash attention at the models' shapes on an
+    H200, and the whole compiled step 0.92-0.95x (docs/benchmarks.md). PyTorch's own order would pick it there too,
+    but only until something restores an order saved before its first call (sdpa_kernel does, on exit), so auto
+    sets it on every call. torch.compile folds the device query to a constant."""
     if sdpa_backend == "auto":
         hopper = q.is_cuda and torch.cuda.get_device_properties(q.device).major == 9
         return SDPA_ORDERS["cudnn"] if hopper else None
-    return SDPA_ORDERS.get(sdpa_backend)
+    return SDPA_ORDERS[sdpa_backend]
 
 
 LOSS_KERNELS = ("auto", "torch", "triton")  # GPTConfig.loss_kernel
@@ -204,7 +204,7 @@ class GPTConfig:
     bias: bool = True
     cosine_attn_blocks: tuple[int, ...] = field(default_factory=tuple)
     attention: str = "sdpa"  # ATTENTIONS: sdpa (F.scaled_dot_product_attention: flash on a GPU) | math (written out)
-    sdpa_backend: str = "auto"  # SDPA_BACKENDS: auto | pytorch | flash | cudnn (sdpa_order)
+    sdpa_backend: str = "auto"  # SDPA_BACKENDS: auto | flash | cudnn (sdpa_order)
     # LOSS_KERNELS: torch (F.cross_entropy) | triton (gnsrepro.kernels.cross_entropy) | auto (triton on CUDA)
     loss_kernel: str = "auto"
 

@@ -11,7 +11,7 @@ from gnsrepro.cli import conf_dir
 from gnsrepro.config import register_configs
 from gnsrepro.errors import ConfigError
 
-CPU_VARIANTS = ["off", "ln torch", "all simultaneous", "all ghost"]  # the other five: CUDA only
+CPU_VARIANTS = ["off", "ln torch", "all simultaneous", "all ghost"]  # the other four: CUDA only
 
 
 def bench_cfg(*overrides: str):

@@ -47,13 +47,13 @@ def loss_and_grads(model: GPT, idx: torch.Tensor):
 
 def test_sdpa_backend_falls_back_to_pytorchs_kernel_where_its_own_cannot_run():
     """On a CPU neither cuDNN's attention nor flash attention can run: flash and cudnn fall back along their
-    orders, and auto is, the kernel PyTorch picks itself (pytorch), bit for bit."""
+    orders to the kernel PyTorch picks itself (auto's on a CPU), bit for bit."""
     idx = torch.randint(0, 64, (3, 29), generator=torch.Generator().manual_seed(1))
     got = {}
-    for backend in ("pytorch", "auto", "flash", "cudnn"):
+    for backend in ("auto", "flash", "cudnn"):
         torch.manual_seed(0)
         got[backend] = loss_and_grads(GPT(GPTConfig(**ATTN, sdpa_backend=backend)), idx)
-    for backend in ("auto", "flash", "cudnn"):
+    for backend in ("flash", "cudnn"):
         assert torch.equal(got[backend][0], got["auto"][0])
         assert all(torch.equal(g, got["auto"][1][n]) for n, g in got[backend][1].items())
 
@@ -77,12 +77,12 @@ def test_unknown_sdpa_backend_is_refused_by_the_model_and_by_validate():
     from gnsrepro.errors import ConfigError
     from gnsrepro.settings import validate
 
-    with pytest.raises(ValueError, match="sdpa_backend='fa3' is not known; accepted: auto, pytorch, flash, cudnn"):
+    with pytest.raises(ValueError, match="sdpa_backend='fa3' is not known; accepted: auto, flash, cudnn"):
         GPT(GPTConfig(**ATTN, sdpa_backend="fa3"))
     register_configs()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("train", overrides=["model.sdpa_backend=fa3", "max_steps=1"])
-    want = r"^model.sdpa_backend='fa3' is not known; accepted: auto, pytorch, flash, cudnn"
+    want = r"^model.sdpa_backend='fa3' is not known; accepted: auto, flash, cudnn"
     with pytest.raises(ConfigError, match=want):
         validate(cfg)
 
@@ -107,7 +107,7 @@ def test_gpu_sdpa_backend_runs_its_kernel_and_matches_float64_attention(compiled
     cfg = GPTConfig(block_size=1024, n_layer=1, n_head=4, n_embd=256)
     x = torch.randn(3, 1000, 256, device="cuda")
     hopper = torch.cuda.get_device_properties(0).major == 9
-    for backend in ("flash", "cudnn", "auto", "pytorch"):
+    for backend in ("flash", "cudnn", "auto"):
         torch.manual_seed(1)
         attn = CausalSelfAttention(GPTConfig(**{**cfg.__dict__, "sdpa_backend": backend}), Layers()).cuda()
         step = torch.compile(attn) if compiled else attn
@@ -120,7 +120,7 @@ def test_gpu_sdpa_backend_runs_its_kernel_and_matches_float64_attention(compiled
 
         ops = attention_ops(fwd_bwd)
         ran = {kernel for kernel in ("flash", "cudnn", "efficient") if any(f"_{kernel}_attention" in op for op in ops)}
-        want = {"auto": {"cudnn"} if hopper else ran, "pytorch": ran}.get(backend, {backend})
+        want = {"auto": {"cudnn"} if hopper else ran}.get(backend, {backend})
         assert ran == want and len(ran) == 1, (backend, ops)
     errors = {}
     for backend, order in SDPA_ORDERS.items():  # the numerics of each kernel, on the same bf16 q, k, v

@@ -19,9 +19,8 @@ picks there) and, with out=, writes a parquet of one row per situation and varia
   cuda_graphs         whether each step was replayed from a CUDA graph (gnsrepro.cuda_graphs)
   variant             an OVERHEAD_VARIANTS label: off, ln torch, ln triton, all simultaneous, all ghost,
                       "all triton linear" (gns.linear_backend=triton), "off torch loss" (gns=off with
-                      model.loss_kernel=torch in place of auto's Triton loss), "off flash attention" and "off pytorch
-                      attention" (gns=off with model.sdpa_backend=flash, =pytorch); these four and ln triton on CUDA
-                      only
+                      model.loss_kernel=torch in place of auto's Triton loss) and "off flash attention" (gns=off
+                      with model.sdpa_backend=flash); these three and ln triton on CUDA only
   status              "ok", or "OOM" when the situation ran out of GPU memory (its times NaN)
   step_time_s         median step time in seconds
   tokens_per_s        micro_batch_size * seq_len / step_time_s
@@ -93,10 +92,9 @@ OVERHEAD_VARIANTS = (
     # not a GNS variant: gns=off with PyTorch's loss (inductor's, compiled) in place of the default's fused
     # cross-entropy kernels (gnsrepro/kernels/cross_entropy.py): what those save in the whole step
     Variant("off torch loss", "off", loss_kernel="torch"),
-    # not GNS variants either: gns=off with flash attention, and with the attention kernel PyTorch picks itself
-    # (model.sdpa_backend=flash, =pytorch), against auto's cuDNN first on a Hopper GPU
+    # not a GNS variant either: gns=off with flash attention (model.sdpa_backend=flash) against auto's cuDNN
+    # attention on a Hopper GPU
     Variant("off flash attention", "off", sdpa_backend="flash"),
-    Variant("off pytorch attention", "off", sdpa_backend="pytorch"),
 )
 
 
