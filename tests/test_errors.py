@@ -30,7 +30,7 @@ def refusal(command: str, *argv: str) -> str:
     ("model.n_layr=3", "model.n_layr=3: there is no setting model.n_layr; did you mean model.n_layer?"),
     ("model.zzz=1", "model.zzz=1: there is no setting model.zzz; model accepts: model.name, model.n_layer, "
                     "model.n_head, model.n_embd, model.block_size, model.vocab_size, model.bias, model.dropout, "
-                    "model.cosine_attn_blocks, model.attention, model.loss_kernel"),
+                    "model.cosine_attn_blocks, model.attention, model.sdpa_backend, model.loss_kernel"),
     ("seq_len=1.5", "seq_len=1.5: seq_len takes an integer or null"),
     ("resume=maybe", "resume=maybe: resume takes true or false"),
     ("model.cosine_attn_blocks=abc", "model.cosine_attn_blocks=abc: model.cosine_attn_blocks takes a list of "
