@@ -392,3 +392,21 @@ def test_gpu_compile_inductor_same_norms(kernel):
     torch._dynamo.reset()
     got = per_example_sqnorms(torch.compile(model, fullgraph=True), idx, targets)
     assert_norms(got, eager, list(eager), rtol=1e-4)
+
+
+@pytest.mark.parametrize("slice_rows", [1, 6, 37, 100], ids=["row", "odd", "whole", "larger"])
+def test_head_sliced_path_of_the_tuning_tool_equals_the_package_path(slice_rows):
+    """benchmarks/head_pegn.py's sliced head path (one example and a vocabulary slice at a time, rows through
+    _head_rows) gives the package's dW, |G_b|² and rows, in float64 on odd shapes, whatever the slice."""
+    from benchmarks.head_pegn import sliced
+    from gnsrepro.pegn import _weight_grad_and_sqnorms
+
+    g = torch.Generator().manual_seed(3)
+    B, T, K, V = 3, 7, 5, 37
+    x = torch.randn(B, T, K, dtype=torch.float64, generator=g)
+    dy = torch.randn(B, T, V, dtype=torch.float64, generator=g)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    got = sliced(x, dy, ids, slice_rows * 8 * K)
+    want = _weight_grad_and_sqnorms(x, dy, "simultaneous", 0, ids=ids)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,110 @@
+"""The tied head's per-example weight-gradient norms in isolation: where gns=all's cost at small widths goes.
+
+    python -m benchmarks.head_pegn [--models 20M,111M] [--micro 16] [--slice-mb 8,16,32]
+
+gns=all's simultaneous method writes each example's head gradient G_b = dlogitsᵀ_b x_b (V x d, fp32; 824 MB a
+micro-batch of 16 at 20M) and reads it back for |G_b|² and dW = Σ_b G_b (gnsrepro.pegn._weight_grad_and_sqnorms).
+This times, for bf16 inputs of each model's head shape, each call replayed from a CUDA graph (as the training
+step is) and checked against the package's path:
+
+  dW only        dlogitsᵀ x in one matmul: what gns=off's backward computes (the floor)
+  package        the package's path (examples in chunks of at most 256 MB of G, rows gathered from G)
+  sliced S MB    one example and a slice of the vocabulary at a time, so that each G slice (S MB) can stay in
+                 L2 between the matmul that writes it and the reductions that read it; the rows as the ghost
+                 branch gets them (gnsrepro.pegn._head_rows, a T x T gather, no G)
+  triton         gns.linear_backend=triton's kernel (gnsrepro/kernels/per_example_grad.py), which never
+                 writes G
+
+A tuning tool: it decides whether a sliced path is worth a place in the package; not part of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+
+from gnsrepro.config import named_model
+from gnsrepro.pegn import _acc_dtype, _head_rows, _matmul_acc, _weight_grad_and_sqnorms
+
+
+def sliced(x: torch.Tensor, dy: torch.Tensor, ids: torch.Tensor, slice_bytes: int):
+    """dW (V, d), |G_b|² (B,), rows (B, T, d) like _weight_grad_and_sqnorms's simultaneous branch, one example and
+    a vocabulary slice of at most slice_bytes of G (fp32, fp64 for fp64 inputs) at a time."""
+    B, T, K = x.shape
+    V = dy.shape[-1]
+    acc = _acc_dtype(x)
+    step = max(1, slice_bytes // (torch.finfo(acc).bits // 8 * K))
+    dW = torch.zeros(V, K, device=x.device, dtype=acc)
+    sq = torch.zeros(B, device=x.device, dtype=acc)
+    for b in range(B):
+        for s in range(0, V, step):
+            G = _matmul_acc(dy[b, :, s : s + step].t(), x[b], acc)  # (slice, K)
+            sq[b] += G.square().sum()
+            dW[s : s + step] += G
+    return dW, sq, _head_rows(x, dy, ids, 0)
+
+
+def graphed_ms(fn, steps: int = 20) -> tuple[float, object]:
+    """Median ms of fn replayed from a CUDA graph, and fn's result (from the graph's own output tensors)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2], out
+
+
+def time_head(name: str, micro: int, slice_mbs: list[int]) -> None:
+    """Print each variant's graphed time at model `name`'s head shape, and its distance to the package's path."""
+    m = named_model(name)
+    B, T, K, V = micro, m.block_size, m.n_embd, m.vocab_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, T, K, device="cuda", generator=gen).bfloat16()
+    dy = (torch.randn(B, T, V, device="cuda", generator=gen) / V).bfloat16()
+    ids = torch.randint(0, V, (B, T), device="cuda", generator=gen)
+    variants = {
+        "dW only": lambda: _matmul_acc(dy.reshape(-1, V).t(), x.reshape(-1, K), torch.float32),
+        "package": lambda: _weight_grad_and_sqnorms(x, dy, "simultaneous", 0, ids=ids),
+        **{f"sliced {mb} MB": partial(sliced, x, dy, ids, mb * 2**20) for mb in slice_mbs},
+        "triton": lambda: _weight_grad_and_sqnorms(x, dy, "simultaneous", 0, ids=ids, backend="triton"),
+    }
+    print(f"{name}: B={B} T={T} d={K} V={V}, G of the micro-batch {B * V * K * 4 / 2**20:.0f} MB")
+    ref = None
+    for label, fn in variants.items():
+        ms, out = graphed_ms(fn)
+        check = ""
+        if label == "package":
+            ref = out
+        elif ref is not None:
+            errs = [((a - b).norm() / b.norm()).item() for a, b in zip(out, ref)]
+            check = "  rel. diff to package: dW {:.1e}, |G_b|² {:.1e}, rows {:.1e}".format(*errs)
+        print(f"  {label:<14} {ms:8.3f} ms{check}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="20M,111M")
+    ap.add_argument("--micro", type=int, default=16)
+    ap.add_argument("--slice-mb", default="8,16,32")
+    args = ap.parse_args()
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    for name in args.models.split(","):
+        time_head(name, args.micro, [int(mb) for mb in args.slice_mb.split(",")])
+
+
+if __name__ == "__main__":
+    main()
