@@ -86,7 +86,8 @@ def sdpa_order(sdpa_backend: str, q: torch.Tensor) -> list | None:
     but only until something restores an order saved before its first call (sdpa_kernel does, on exit), so auto
     sets it on every call. torch.compile folds the device query to a constant."""
     if sdpa_backend == "auto":
-        hopper = q.is_cuda and torch.cuda.get_device_properties(q.device).major == 9
+        # (a ROCm GPU of the gfx9 family also reports major 9; cuDNN is NVIDIA's)
+        hopper = q.is_cuda and torch.version.hip is None and torch.cuda.get_device_properties(q.device).major == 9
         return SDPA_ORDERS["cudnn"] if hopper else None
     return SDPA_ORDERS[sdpa_backend]
 
