@@ -9,13 +9,13 @@ step is) and checked against the package's path:
 
   dW only        dlogitsᵀ x in one matmul: what gns=off's backward computes (the floor)
   package        the package's path (examples in chunks of at most 256 MB of G, rows gathered from G)
-  sliced S MB    one example and a slice of the vocabulary at a time, so that each G slice (S MB) can stay in
-                 L2 between the matmul that writes it and the reductions that read it; the rows as the ghost
-                 branch gets them (gnsrepro.pegn._head_rows, a T x T gather, no G)
+  sliced S MB    the package's path with gns.chunk_mb=S: one example and a slice of the vocabulary at a time,
+                 so that each G slice (S MB) can stay in L2 between the matmul that writes it and the
+                 reductions that read it; the rows as the ghost branch gets them (pegn._head_rows, no G)
   triton         gns.linear_backend=triton's kernel (gnsrepro/kernels/per_example_grad.py), which never
                  writes G
 
-A tuning tool: it decides whether a sliced path is worth a place in the package; not part of it.
+A tuning tool, to choose gns.chunk_mb's default by measurement; not part of the package.
 """
 
 from __future__ import annotations
@@ -26,24 +26,7 @@ from functools import partial
 import torch
 
 from gnsrepro.config import named_model
-from gnsrepro.pegn import _acc_dtype, _head_rows, _matmul_acc, _weight_grad_and_sqnorms
-
-
-def sliced(x: torch.Tensor, dy: torch.Tensor, ids: torch.Tensor, slice_bytes: int):
-    """dW (V, d), |G_b|² (B,), rows (B, T, d) like _weight_grad_and_sqnorms's simultaneous branch, one example and
-    a vocabulary slice of at most slice_bytes of G (fp32, fp64 for fp64 inputs) at a time."""
-    B, T, K = x.shape
-    V = dy.shape[-1]
-    acc = _acc_dtype(x)
-    step = max(1, slice_bytes // (torch.finfo(acc).bits // 8 * K))
-    dW = torch.zeros(V, K, device=x.device, dtype=acc)
-    sq = torch.zeros(B, device=x.device, dtype=acc)
-    for b in range(B):
-        for s in range(0, V, step):
-            G = _matmul_acc(dy[b, :, s : s + step].t(), x[b], acc)  # (slice, K)
-            sq[b] += G.square().sum()
-            dW[s : s + step] += G
-    return dW, sq, _head_rows(x, dy, ids, 0)
+from gnsrepro.pegn import _matmul_acc, _weight_grad_and_sqnorms
 
 
 def graphed_ms(fn, steps: int = 20) -> tuple[float, object]:
@@ -79,7 +62,8 @@ def time_head(name: str, micro: int, slice_mbs: list[int]) -> None:
     variants = {
         "dW only": lambda: _matmul_acc(dy.reshape(-1, V).t(), x.reshape(-1, K), torch.float32),
         "package": lambda: _weight_grad_and_sqnorms(x, dy, "simultaneous", 0, ids=ids),
-        **{f"sliced {mb} MB": partial(sliced, x, dy, ids, mb * 2**20) for mb in slice_mbs},
+        **{f"sliced {mb} MB": partial(_weight_grad_and_sqnorms, x, dy, "simultaneous", 0, ids=ids,
+                                      chunk_bytes=mb * 2**20) for mb in slice_mbs},
         "triton": lambda: _weight_grad_and_sqnorms(x, dy, "simultaneous", 0, ids=ids, backend="triton"),
     }
     print(f"{name}: B={B} T={T} d={K} V={V}, G of the micro-batch {B * V * K * 4 / 2**20:.0f} MB")

@@ -135,6 +135,8 @@ class GNSConfig:
     outlier_guard: bool = True  # clip one-step outliers of the components before that smoothing (HampelFilter)
     per_layer: bool = False  # also log one row per parameter
     chunk_size: int = 0  # examples per chunk in the simultaneous method; 0 = automatic
+    # automatic chunks: the per-example tensor of a chunk within this many MiB (one example's sliced by rows)
+    chunk_mb: int = 256
 
 
 @dataclass

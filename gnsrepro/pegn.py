@@ -64,8 +64,8 @@ import torch.nn.functional as F
 from gnsrepro.errors import ConfigError
 from gnsrepro.model import LayerNorm, Layers, TiedEmbedding
 
-# Upper bound on the transient per-chunk tensor of a batched per-example matmul ((chunk, L, K) for the
-# simultaneous method, two (chunk, T, T) Grams for ghost), when chunk_size=0 ("automatic").
+# Default upper bound on the transient per-chunk tensor of a batched per-example matmul ((chunk, L, K) for the
+# simultaneous method, two (chunk, T, T) Grams for ghost), when chunk_size=0 ("automatic"); gns.chunk_mb sets it.
 AUTO_CHUNK_BYTES = 256 * 2**20
 
 LINEAR_METHODS = ("auto", "simultaneous", "ghost")
@@ -120,8 +120,8 @@ def _autocast_off(backward):
     return wrapped
 
 
-def _chunk(chunk_size: int, per_example_bytes: int) -> int:
-    return chunk_size if chunk_size > 0 else max(1, AUTO_CHUNK_BYTES // per_example_bytes)
+def _chunk(chunk_size: int, per_example_bytes: int, chunk_bytes: int = AUTO_CHUNK_BYTES) -> int:
+    return chunk_size if chunk_size > 0 else max(1, chunk_bytes // per_example_bytes)
 
 
 def _resolve_method(method: str, T: int, K: int, L: int) -> str:
@@ -148,13 +148,16 @@ def _uses_triton_weight_grad(x: torch.Tensor, dy: torch.Tensor, method: str, bac
 
 def _weight_grad_and_sqnorms(
     x: torch.Tensor, dy: torch.Tensor, method: str, chunk_size: int, ids: torch.Tensor | None = None,
-    backend: str = "torch",
+    backend: str = "torch", chunk_bytes: int = AUTO_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """dW = Σ_b dy_bᵀ x_b (L, K), |G_b|² (B,), both in fp32/fp64, for x (B, T, K) and dy (B, T, L).
 
     With ids (B, T) (the tied output head) also rows (B, T, K): rows[b, t] = G_b[ids[b, t]], the head
     gradient's rows at the example's own token ids, which the embedding's cross term needs.
-    Examples are processed in chunks so the transient per-example tensor stays bounded. backend "triton"
+    Examples are processed in chunks so the transient per-example tensor stays within chunk_bytes (or chunk_size
+    examples at a time); where one example's (L, K) tensor alone is larger (simultaneous, chunk_size=0), each
+    example's is computed in slices of its L rows, and the head's rows as the ghost branch gets them (_head_rows),
+    so that a slice small enough for the GPU's L2 is read back from there. backend "triton"
     (method simultaneous): dW and |G_b|² from the Triton kernel, which never materialises G_b
     (gnsrepro.kernels.per_example_grad), and the rows as the ghost branch gets them, Aᵀ x_b.
     """
@@ -166,9 +169,11 @@ def _weight_grad_and_sqnorms(
         from gnsrepro.kernels.per_example_grad import weight_grad_and_sqnorms
 
         dW, sq = weight_grad_and_sqnorms(x, dy)
-        return dW, sq, (_head_rows(x, dy, ids, chunk_size) if ids is not None else None)
+        return dW, sq, (_head_rows(x, dy, ids, chunk_size, chunk_bytes) if ids is not None else None)
     simultaneous = method == "simultaneous"
-    c = _chunk(chunk_size, (L * K if simultaneous else 2 * T * T) * elem)
+    if simultaneous and chunk_size == 0 and L * K * elem > chunk_bytes:
+        return _weight_grad_and_sqnorms_sliced(x, dy, ids, max(1, chunk_bytes // (K * elem)), chunk_bytes)
+    c = _chunk(chunk_size, (L * K if simultaneous else 2 * T * T) * elem, chunk_bytes)
     sq, rows, dW = [], [], None
     for s in range(0, B, c):
         xc, dyc = x[s : s + c], dy[s : s + c]
@@ -189,13 +194,34 @@ def _weight_grad_and_sqnorms(
     return dW, torch.cat(sq), (torch.cat(rows) if ids is not None else None)
 
 
-def _head_rows(x: torch.Tensor, dy: torch.Tensor, ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def _weight_grad_and_sqnorms_sliced(
+    x: torch.Tensor, dy: torch.Tensor, ids: torch.Tensor | None, rows_per_slice: int, chunk_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The simultaneous branch of _weight_grad_and_sqnorms one example and rows_per_slice of its L rows at a time:
+    G_b[r] = dy_b[:, r]ᵀ x_b, |G_b|² summed over the slices, dW[r] = Σ_b G_b[r]."""
+    B, T, K = x.shape
+    L = dy.shape[-1]
+    acc = _acc_dtype(x)
+    dW = x.new_zeros(L, K, dtype=acc)
+    sq = []
+    for b in range(B):
+        parts = []
+        for r in range(0, L, rows_per_slice):
+            G = _matmul_acc(dy[b, :, r : r + rows_per_slice].t(), x[b], acc)  # (rows, K) of example b's gradient
+            parts.append(G.square().sum())
+            dW[r : r + rows_per_slice] += G
+        sq.append(torch.stack(parts).sum())
+    return dW, torch.stack(sq), (_head_rows(x, dy, ids, 0, chunk_bytes) if ids is not None else None)
+
+
+def _head_rows(x: torch.Tensor, dy: torch.Tensor, ids: torch.Tensor, chunk_size: int,
+               chunk_bytes: int = AUTO_CHUNK_BYTES) -> torch.Tensor:
     """rows (B, T, K) in fp32/fp64, rows[b, t] = G_b[ids[b, t]] with G_b = dy_bᵀ x_b, without G_b: row i of G_b is
     Σ_t' dy_b,t'[i] · x_b,t', so rows_b = A_bᵀ x_b with A_b[t', t] = dy_b,t'[ids_b,t], a (T, T) gather of dy and
     an O(T²·K) matmul per example. Chunks of examples bound the transient (c, T, T) tensor as for ghost."""
     B, T, K = x.shape
     acc = _acc_dtype(x)
-    c = _chunk(chunk_size, 2 * T * T * (torch.finfo(acc).bits // 8))
+    c = _chunk(chunk_size, 2 * T * T * (torch.finfo(acc).bits // 8), chunk_bytes)
     rows = []
     for s in range(0, B, c):
         A = dy[s : s + c].gather(2, ids[s : s + c, None, :].expand(-1, T, -1))  # (c, T', T)
@@ -236,11 +262,12 @@ def _embedding_grad_and_sqnorms(
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, sink, method: str, chunk_size: int, backend: str):
+    def forward(ctx, x, weight, bias, sink, method: str, chunk_size: int, chunk_bytes: int, backend: str):
         dtype = _compute_dtype(x)
         xc, wc = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(xc, wc)
-        ctx.method, ctx.chunk_size, ctx.backend, ctx.x_dtype = method, chunk_size, backend, x.dtype
+        ctx.method, ctx.chunk_size, ctx.chunk_bytes, ctx.backend, ctx.x_dtype = (method, chunk_size, chunk_bytes,
+                                                                                 backend, x.dtype)
         ctx.has_bias = bias is not None
         return F.linear(xc, wc, None if bias is None else bias.to(dtype))
 
@@ -250,14 +277,15 @@ class _LinearFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         B, K, L = x.shape[0], x.shape[-1], dy.shape[-1]
         x3, dy3 = x.reshape(B, -1, K), dy.reshape(B, -1, L)  # (B, T, K), (B, T, L); T = 1 for 2-D
-        dW, sq_w, _ = _weight_grad_and_sqnorms(x3, dy3, ctx.method, ctx.chunk_size, backend=ctx.backend)
+        dW, sq_w, _ = _weight_grad_and_sqnorms(x3, dy3, ctx.method, ctx.chunk_size, backend=ctx.backend,
+                                               chunk_bytes=ctx.chunk_bytes)
         columns, db = [sq_w], None
         if ctx.has_bias:
             db_b = dy3.sum(1, dtype=dW.dtype)  # (B, L) per-example bias gradients
             columns.append(db_b.square().sum(1))
             db = db_b.sum(0)
         dx = (dy @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return dx, dW, db, torch.stack(columns, 1), None, None, None
+        return dx, dW, db, torch.stack(columns, 1), None, None, None, None
 
 
 class _LayerNormFn(torch.autograd.Function):
@@ -339,11 +367,13 @@ class _TiedHeadFn(torch.autograd.Function):
     H_b[id_b,t] to the embedding's backward as the gradients of the carriers it took as inputs."""
 
     @staticmethod
-    def forward(ctx, x, weight, ids, rows_carrier, head_sq_carrier, method: str, chunk_size: int, backend: str):
+    def forward(ctx, x, weight, ids, rows_carrier, head_sq_carrier, method: str, chunk_size: int, chunk_bytes: int,
+                backend: str):
         dtype = _compute_dtype(x)
         xc, wc = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(xc, wc, ids)
-        ctx.method, ctx.chunk_size, ctx.backend, ctx.x_dtype = method, chunk_size, backend, x.dtype
+        ctx.method, ctx.chunk_size, ctx.chunk_bytes, ctx.backend, ctx.x_dtype = (method, chunk_size, chunk_bytes,
+                                                                                 backend, x.dtype)
         return F.linear(xc, wc)
 
     @staticmethod
@@ -353,9 +383,9 @@ class _TiedHeadFn(torch.autograd.Function):
         B, d, V = x.shape[0], x.shape[-1], w.shape[0]
         x3, dy3 = x.reshape(B, -1, d), dlogits.reshape(B, -1, V)
         dW, sq, rows = _weight_grad_and_sqnorms(x3, dy3, ctx.method, ctx.chunk_size, ids=ids.reshape(B, -1),
-                                                backend=ctx.backend)
+                                                backend=ctx.backend, chunk_bytes=ctx.chunk_bytes)
         dx = (dlogits @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return dx, dW, None, rows.reshape(*ids.shape, d), sq, None, None, None
+        return dx, dW, None, rows.reshape(*ids.shape, d), sq, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,14 +421,16 @@ class PerExampleLinear(_SinkOwner, nn.Linear):
     """nn.Linear whose backward also returns per-example |dW_b|², |db_b|² (see the module docstring).
 
     method: "simultaneous" | "ghost" | "auto" for a 3-D input; chunk_size: examples per batched matmul,
-    0 = automatic (the transient tensor bounded by AUTO_CHUNK_BYTES); backend: the simultaneous method's
+    0 = automatic (the transient tensor bounded by chunk_bytes, default AUTO_CHUNK_BYTES); backend: the simultaneous
+    method's
     "torch" (batched matmul) or "triton" (gnsrepro.kernels.per_example_grad, no per-example tensor).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, method: str = "auto",
-                 chunk_size: int = 0, backend: str = "torch", **factory_kwargs):
+                 chunk_size: int = 0, backend: str = "torch", chunk_bytes: int = AUTO_CHUNK_BYTES, **factory_kwargs):
         super().__init__(in_features, out_features, bias=bias, **factory_kwargs)
         self.method, self.chunk_size = _check_choice("method", method, LINEAR_METHODS), chunk_size
+        self.chunk_bytes = chunk_bytes
         self.backend = _check_choice("linear_backend", backend, LINEAR_BACKENDS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -406,7 +438,8 @@ class PerExampleLinear(_SinkOwner, nn.Linear):
             return super().forward(x)
         T = x[0].numel() // self.in_features
         method = _resolve_method(self.method, T, self.in_features, self.out_features)
-        return _LinearFn.apply(x, self.weight, self.bias, self.sink, method, self.chunk_size, self.backend)
+        return _LinearFn.apply(x, self.weight, self.bias, self.sink, method, self.chunk_size, self.chunk_bytes,
+                               self.backend)
 
 
 class PerExampleEmbedding(_SinkOwner, nn.Embedding):
@@ -443,9 +476,10 @@ class PerExampleTiedEmbedding(_SinkOwner, TiedEmbedding):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, method: str = "auto", chunk_size: int = 0,
-                 backend: str = "torch"):
+                 backend: str = "torch", chunk_bytes: int = AUTO_CHUNK_BYTES):
         super().__init__(num_embeddings, embedding_dim)
         self.method, self.chunk_size = _check_choice("method", method, LINEAR_METHODS), chunk_size
+        self.chunk_bytes = chunk_bytes
         self.backend = _check_choice("linear_backend", backend, LINEAR_BACKENDS)  # the head's, as PerExampleLinear's
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -464,7 +498,8 @@ class PerExampleTiedEmbedding(_SinkOwner, TiedEmbedding):
         idx, rows, head_sq = pending
         T = x[0].numel() // x.shape[-1]
         method = _resolve_method(self.method, T, self.weight.shape[1], self.weight.shape[0])
-        return _TiedHeadFn.apply(x, self.weight, idx, rows, head_sq, method, self.chunk_size, self.backend)
+        return _TiedHeadFn.apply(x, self.weight, idx, rows, head_sq, method, self.chunk_size, self.chunk_bytes,
+                                 self.backend)
 
 
 class PerExampleLayerNorm(_SinkOwner, LayerNorm):
@@ -512,16 +547,18 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 
 def instrumented_layers(mode: str = "all", method: str = "auto", ln_backend: str = "torch",
-                        chunk_size: int = 0, linear_backend: str = "torch") -> Layers:
+                        chunk_size: int = 0, linear_backend: str = "torch",
+                        chunk_bytes: int = AUTO_CHUNK_BYTES) -> Layers:
     """The layer classes for GPT(config, layers=...): every layer type ("all") or LayerNorm only ("ln").
-    linear_backend: the simultaneous method's backend in the Linear layers and the tied head (torch | triton)."""
+    linear_backend: the simultaneous method's backend in the Linear layers and the tied head (torch | triton);
+    chunk_size, chunk_bytes: how the per-example tensors are chunked (_weight_grad_and_sqnorms)."""
     _check_choice("mode", mode, MODES)
     _check_choice("method", method, LINEAR_METHODS)
     _check_choice("linear_backend", linear_backend, LINEAR_BACKENDS)
     layer_norm = functools.partial(PerExampleLayerNorm, backend=_check_choice("ln_backend", ln_backend, LN_BACKENDS))
     if mode == "ln":
         return Layers(layer_norm=layer_norm)
-    linear = dict(method=method, chunk_size=chunk_size, backend=linear_backend)
+    linear = dict(method=method, chunk_size=chunk_size, backend=linear_backend, chunk_bytes=chunk_bytes)
     return Layers(
         linear=functools.partial(PerExampleLinear, **linear),
         layer_norm=layer_norm,

@@ -100,6 +100,7 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int = 1) -> None:
          "smaller batches within each step's batch")
     need(0 <= g.ema_alpha < 1, f"gns.ema_alpha={g.ema_alpha} must be in [0, 1)")
     need(g.chunk_size >= 0, f"gns.chunk_size={g.chunk_size} must be >= 0 (0: automatic)")
+    need(g.chunk_mb >= 1, f"gns.chunk_mb={g.chunk_mb} must be >= 1 (MiB of per-example gradients a chunk)")
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     need(g.mode == "off" or g.ln_backend != "triton" or not on_cpu or os.environ.get("TRITON_INTERPRET") == "1",
          "gns.ln_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow CPU interpreter); "
@@ -183,7 +184,7 @@ FIXED_ON_RESUME = ("model", "data.name", "data.path", "data.max_bytes", "data.va
 QUIET_ON_RESUME = ("max_steps", "max_tokens", "eval_interval", "log_interval", "checkpoint_interval", "compile",
                    "device", "prepare_missing", "resume", "out_dir", "run_name", "data.data_dir", "data.num_proc",
                    "gns.ema_alpha", "gns.outlier_guard", "gns.ln_backend", "gns.method", "gns.chunk_size",
-                   "gns.linear_backend")
+                   "gns.chunk_mb", "gns.linear_backend")
 # where the run lives: always the run's own (a default run_name is the start time, new at every command)
 KEPT_ON_RESUME = ("run_name", "out_dir")
 # once the GNS drives the batch, the schedule and the smoothing that feeds it define the experiment

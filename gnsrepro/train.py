@@ -85,7 +85,7 @@ def build_model(m: ModelConfig, g: GNSConfig, device: torch.device, compile: boo
     backend = resolve_ln_backend(g, device, n_embd=m.n_embd, compile=compile, micro_batch_size=micro_batch_size,
                                  cuda_graphs=cuda_graphs)
     layers = instrumented_layers(g.mode, method=g.method, ln_backend=backend, chunk_size=g.chunk_size,
-                                 linear_backend=g.linear_backend)
+                                 linear_backend=g.linear_backend, chunk_bytes=g.chunk_mb * 2**20)
     model = GPT(gpt_config(m), layers).to(device)
     return model, PerExampleNorms(model)
 

@@ -11,7 +11,7 @@ from gnsrepro.cli import conf_dir
 from gnsrepro.config import register_configs
 from gnsrepro.errors import ConfigError
 
-CPU_VARIANTS = ["off", "ln torch", "all simultaneous", "all ghost"]  # the other four: CUDA only
+CPU_VARIANTS = ["off", "ln torch", "all simultaneous", "all ghost"]  # the other five: CUDA only
 
 
 def bench_cfg(*overrides: str):
@@ -29,7 +29,8 @@ def timed_calls(monkeypatch):
 
     def _prepare(cfg, g, device):
         step, drain, model = prepare(cfg, g, device)
-        key = (g.mode, g.method, g.ln_backend, g.linear_backend, cfg.model.loss_kernel, cfg.model.sdpa_backend)
+        key = (g.mode, g.method, g.ln_backend, g.linear_backend, cfg.model.loss_kernel, cfg.model.sdpa_backend,
+               g.chunk_mb)
         labels[id(step)] = next(label for label, *spec in B.OVERHEAD_VARIANTS if tuple(spec) == key)
         return step, drain, model
 

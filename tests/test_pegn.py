@@ -24,6 +24,7 @@ from torch.func import functional_call, grad, vmap
 
 from gnsrepro.model import GPT, GPTConfig, Layers
 from gnsrepro.pegn import (
+    AUTO_CHUNK_BYTES,
     PerExampleEmbedding,
     PerExampleLayerNorm,
     PerExampleLinear,
@@ -109,11 +110,16 @@ CASES = [("all", "simultaneous"), ("all", "ghost"), ("ln", "auto")]
 
 
 @pytest.mark.parametrize("B", [1, 5])
-@pytest.mark.parametrize("mode,method,chunk_size", [c + (0,) for c in CASES] + [("all", "simultaneous", 2),
-                                                                               ("all", "ghost", 2)])
-def test_sinks_match_vmap_reference(mode, method, chunk_size, B):
-    """Every covered parameter; chunk_size=2 splits B=5 into 2+2+1 (the tied head's rows included)."""
-    plain, model = twins(instrumented_layers(mode, method=method, chunk_size=chunk_size))
+@pytest.mark.parametrize("mode,method,chunk_size,chunk_bytes",
+                         [c + (0, AUTO_CHUNK_BYTES) for c in CASES] + [("all", "simultaneous", 2, AUTO_CHUNK_BYTES),
+                                                                       ("all", "ghost", 2, AUTO_CHUNK_BYTES),
+                                                                       ("all", "simultaneous", 0, 8 * 7 * 16)])
+def test_sinks_match_vmap_reference(mode, method, chunk_size, chunk_bytes, B):
+    """Every covered parameter; chunk_size=2 splits B=5 into 2+2+1 (the tied head's rows included); chunk_bytes of
+    7 x 16 float64 values slices every example's per-example gradient by rows: 7 at a time for inputs of 16 (with
+    a remainder: outputs of 48, 16 and the head's 64), one at a time for the MLP's inputs of 64 (the head's rows
+    through _head_rows)."""
+    plain, model = twins(instrumented_layers(mode, method=method, chunk_size=chunk_size, chunk_bytes=chunk_bytes))
     idx, targets = batch(B)
     norms = PerExampleNorms(model)
     norms.attach(B)
@@ -269,10 +275,12 @@ def test_wrapped_model_names():
     assert PerExampleNorms(compiled).names == [n for n, _ in model.named_parameters()]
 
 
-def test_compile_fullgraph_same_norms():
+@pytest.mark.parametrize("chunk_bytes", [AUTO_CHUNK_BYTES, 4 * 7 * 16], ids=["chunks", "row-slices"])
+def test_compile_fullgraph_same_norms(chunk_bytes):
     """The whole forward and backward in one graph (fullgraph=True fails on any graph break), the tied
-    embedding's stash included; aot_eager runs AOTAutograd's traced joint graph without codegen."""
-    _, model = twins(instrumented_layers("all", method="simultaneous"), dtype=torch.float32)
+    embedding's stash included, with examples in chunks or each example's gradient in slices of rows;
+    aot_eager runs AOTAutograd's traced joint graph without codegen."""
+    _, model = twins(instrumented_layers("all", method="simultaneous", chunk_bytes=chunk_bytes), dtype=torch.float32)
     idx, targets = batch(3)
     eager = per_example_sqnorms(model, idx, targets)
     torch._dynamo.reset()
@@ -380,11 +388,13 @@ def test_gpu_bf16_autocast_close_to_fp32(method):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", [{"ln_backend": "triton"}, {"method": "simultaneous", "linear_backend": "triton"}],
-                         ids=["layernorm", "linear"])
+@pytest.mark.parametrize("kernel", [{"ln_backend": "triton"}, {"method": "simultaneous", "linear_backend": "triton"},
+                                    {"method": "simultaneous", "chunk_bytes": 4 * 7 * 16}],
+                         ids=["layernorm", "linear", "row-slices"])
 def test_gpu_compile_inductor_same_norms(kernel):
     """The compiled model (inductor) with a Triton kernel as an opaque custom op (the LayerNorm's, or the Linear
-    layers' and the head's weight-gradient kernel): the eager norms."""
+    layers' and the head's weight-gradient kernel), or with each example's per-example gradients in slices of
+    rows: the eager norms."""
     _, model = twins(instrumented_layers("all", **kernel), dtype=torch.float32)
     model.cuda()
     idx, targets = (t.cuda() for t in batch(4))
@@ -393,20 +403,3 @@ def test_gpu_compile_inductor_same_norms(kernel):
     got = per_example_sqnorms(torch.compile(model, fullgraph=True), idx, targets)
     assert_norms(got, eager, list(eager), rtol=1e-4)
 
-
-@pytest.mark.parametrize("slice_rows", [1, 6, 37, 100], ids=["row", "odd", "whole", "larger"])
-def test_head_sliced_path_of_the_tuning_tool_equals_the_package_path(slice_rows):
-    """benchmarks/head_pegn.py's sliced head path (one example and a vocabulary slice at a time, rows through
-    _head_rows) gives the package's dW, |G_b|² and rows, in float64 on odd shapes, whatever the slice."""
-    from benchmarks.head_pegn import sliced
-    from gnsrepro.pegn import _weight_grad_and_sqnorms
-
-    g = torch.Generator().manual_seed(3)
-    B, T, K, V = 3, 7, 5, 37
-    x = torch.randn(B, T, K, dtype=torch.float64, generator=g)
-    dy = torch.randn(B, T, V, dtype=torch.float64, generator=g)
-    ids = torch.randint(0, V, (B, T), generator=g)
-    got = sliced(x, dy, ids, slice_rows * 8 * K)
-    want = _weight_grad_and_sqnorms(x, dy, "simultaneous", 0, ids=ids)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -18,9 +18,10 @@ picks there) and, with out=, writes a parquet of one row per situation and varia
   model, n_embd, seq_len, micro_batch_size, compile   the situation
   cuda_graphs         whether each step was replayed from a CUDA graph (gnsrepro.cuda_graphs)
   variant             an OVERHEAD_VARIANTS label: off, ln torch, ln triton, all simultaneous, all ghost,
-                      "all triton linear" (gns.linear_backend=triton), "off torch loss" (gns=off with
-                      model.loss_kernel=torch in place of auto's Triton loss) and "off flash attention" (gns=off
-                      with model.sdpa_backend=flash); these three and ln triton on CUDA only
+                      "all triton linear" (gns.linear_backend=triton), "all simultaneous 16 MiB"
+                      (gns.chunk_mb=16), "off torch loss" (gns=off with model.loss_kernel=torch in place of
+                      auto's Triton loss) and "off flash attention" (gns=off with model.sdpa_backend=flash);
+                      these four and ln triton on CUDA only
   status              "ok", or "OOM" when the situation ran out of GPU memory (its times NaN)
   step_time_s         median step time in seconds
   tokens_per_s        micro_batch_size * seq_len / step_time_s
@@ -71,13 +72,14 @@ class Variant(NamedTuple):
     linear_backend: str = "torch"  # gns.linear_backend (the simultaneous method's Linear layers and head)
     loss_kernel: str = "auto"  # model.loss_kernel (auto, the default: the Triton loss on CUDA)
     sdpa_backend: str = "auto"  # model.sdpa_backend (auto, the default: cuDNN's attention first on a Hopper GPU)
+    chunk_mb: int = 256  # gns.chunk_mb (the default: per-example gradients of at most 256 MiB a chunk)
 
     @property
     def cuda_only(self) -> bool:
         """A Triton kernel that the CPU runs only in the interpreter, or a loss or attention kernel that on a CPU is
         auto's own (so the variant would time gns=off again)."""
         return ("triton" in (self.ln_backend, self.linear_backend) or self.loss_kernel != "auto"
-                or self.sdpa_backend != "auto")
+                or self.sdpa_backend != "auto" or self.chunk_mb != 256)
 
 
 OVERHEAD_VARIANTS = (
@@ -89,6 +91,9 @@ OVERHEAD_VARIANTS = (
     # every layer with the Triton weight-gradient kernel (gnsrepro/kernels/per_example_grad.py), which never
     # writes the per-example gradients that the torch path materialises (824 MB a micro-batch for the 20M head)
     Variant("all triton linear", "all", "simultaneous", linear_backend="triton"),
+    # every layer with chunks of at most 16 MiB of per-example gradients, one example's sliced by rows, so that
+    # each chunk can stay in the GPU's L2 between the matmul that writes it and the reductions that read it
+    Variant("all simultaneous 16 MiB", "all", "simultaneous", chunk_mb=16),
     # not a GNS variant: gns=off with PyTorch's loss (inductor's, compiled) in place of the default's fused
     # cross-entropy kernels (gnsrepro/kernels/cross_entropy.py): what those save in the whole step
     Variant("off torch loss", "off", loss_kernel="torch"),
@@ -253,6 +258,7 @@ def time_overhead(cfg, device: torch.device) -> list[dict]:
     def build(v: Variant):
         g = copy.deepcopy(cfg.gns)
         g.mode, g.method, g.ln_backend, g.linear_backend = v.mode, v.method, v.ln_backend, v.linear_backend
+        g.chunk_mb = v.chunk_mb
         c = copy.deepcopy(cfg)
         c.model.loss_kernel, c.model.sdpa_backend = v.loss_kernel, v.sdpa_backend
         t0 = time.perf_counter()
