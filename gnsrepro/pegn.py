@@ -197,21 +197,23 @@ def _weight_grad_and_sqnorms(
 def _weight_grad_and_sqnorms_sliced(
     x: torch.Tensor, dy: torch.Tensor, ids: torch.Tensor | None, rows_per_slice: int, chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The simultaneous branch of _weight_grad_and_sqnorms one example and rows_per_slice of its L rows at a time:
-    G_b[r] = dy_b[:, r]ᵀ x_b, |G_b|² summed over the slices, dW[r] = Σ_b G_b[r]."""
+    """The simultaneous branch of _weight_grad_and_sqnorms, rows_per_slice of the L rows at a time and, within a
+    slice, one example at a time: G_b[r] = dy_b[:, r]ᵀ x_b, |G_b|² summed over the slices, dW[r] = Σ_b G_b[r].
+    Slices outside, examples inside: the slice's running dW[r] and each G_b[r] are the working set (2 slices),
+    which stays in L2 for a small enough slice, instead of the whole dW once per example."""
     B, T, K = x.shape
     L = dy.shape[-1]
     acc = _acc_dtype(x)
-    dW = x.new_zeros(L, K, dtype=acc)
-    sq = []
-    for b in range(B):
-        parts = []
-        for r in range(0, L, rows_per_slice):
+    dW, sq = [], [[] for _ in range(B)]
+    for r in range(0, L, rows_per_slice):
+        dW_r = None
+        for b in range(B):
             G = _matmul_acc(dy[b, :, r : r + rows_per_slice].t(), x[b], acc)  # (rows, K) of example b's gradient
-            parts.append(G.square().sum())
-            dW[r : r + rows_per_slice] += G
-        sq.append(torch.stack(parts).sum())
-    return dW, torch.stack(sq), (_head_rows(x, dy, ids, 0, chunk_bytes) if ids is not None else None)
+            sq[b].append(G.square().sum())
+            dW_r = G if dW_r is None else dW_r + G
+        dW.append(dW_r)
+    sq = torch.stack([torch.stack(parts).sum() for parts in sq])
+    return torch.cat(dW), sq, (_head_rows(x, dy, ids, 0, chunk_bytes) if ids is not None else None)
 
 
 def _head_rows(x: torch.Tensor, dy: torch.Tensor, ids: torch.Tensor, chunk_size: int,
