@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
+from gnsrepro.benchmarks.layernorm import time_us
 from gnsrepro.config import named_model
 from gnsrepro.model import SDPA_ORDERS
 
@@ -44,20 +45,6 @@ def ops_run(fn) -> list[str]:
                    or e.key.startswith("aten::_efficient") or e.key.startswith("aten::_cudnn")})
 
 
-def median_ms(fn, steps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(steps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="20M,111M")
@@ -73,10 +60,10 @@ def main() -> None:
         times = {}
         for label, order in ORDERS.items():
             ops = ops_run(partial(fwd_bwd, q, k, v, dy, order))
-            times[label] = median_ms(partial(fwd_bwd, q, k, v, dy, order))
+            times[label] = time_us(partial(fwd_bwd, q, k, v, dy, order), 3, 20) / 1e3
             print(f"{name:>5} B={B} H={H} T={T} D={D} | {label:<7} {times[label]:7.3f} ms fwd+bwd | {', '.join(ops)}")
         # interleaved repeat: the clocks drift between the blocks above
-        again = {label: median_ms(partial(fwd_bwd, q, k, v, dy, order)) for label, order in ORDERS.items()}
+        again = {label: time_us(partial(fwd_bwd, q, k, v, dy, order), 3, 20) / 1e3 for label, order in ORDERS.items()}
         print(f"{name:>5} again: " + ", ".join(f"{label} {t:.3f} ms" for label, t in again.items()))
 
 

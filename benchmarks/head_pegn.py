@@ -25,30 +25,9 @@ from functools import partial
 
 import torch
 
+from gnsrepro.benchmarks.layernorm import capture, time_us
 from gnsrepro.config import named_model
 from gnsrepro.pegn import _matmul_acc, _weight_grad_and_sqnorms
-
-
-def graphed_ms(fn, steps: int = 20) -> tuple[float, object]:
-    """Median ms of fn replayed from a CUDA graph, and fn's result (from the graph's own output tensors)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    times = []
-    for _ in range(steps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2], out
 
 
 def time_head(name: str, micro: int, slice_mbs: list[int]) -> None:
@@ -69,7 +48,8 @@ def time_head(name: str, micro: int, slice_mbs: list[int]) -> None:
     print(f"{name}: B={B} T={T} d={K} V={V}, G of the micro-batch {B * V * K * 4 / 2**20:.0f} MB")
     ref = None
     for label, fn in variants.items():
-        ms, out = graphed_ms(fn)
+        ms = time_us(capture(fn).replay, warmup=2, steps=20) / 1e3  # replayed from a CUDA graph, as the step is
+        out = fn()
         check = ""
         if label == "package":
             ref = out
