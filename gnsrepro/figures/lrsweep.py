@@ -172,7 +172,8 @@ def lrsweep(run_dirs, out: str | os.PathLike) -> list[Path]:
         raise ConfigError("figure=lrsweep needs run directories: run=[DIR1,DIR2,...]")
     values = lrsweep_values(runs)
     n_models = values["model"].nunique()
-    title = (f"Learning-rate sweep, final validation loss of {n_models} model{'s' if n_models > 1 else ''}: "
+    # two lines: the description alone is as wide as the figure
+    title = (f"Learning-rate sweep, final validation loss of {n_models} model{'s' if n_models > 1 else ''}\n"
              f"{sweep_description(runs)}")
     fig = draw_lrsweep(values, title)
     return save(fig, out, values)
