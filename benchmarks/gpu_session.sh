@@ -86,8 +86,9 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
                done ;;
     attention) run python3 -m benchmarks.attention_kernels --models ${MODELS:-20M,111M,1.3B} --micro ${MICROS:-16} ;;
     head)      run python3 -m benchmarks.head_pegn --models ${MODELS:-20M,111M} --micro ${MICROS:-16} ;;  # the head's per-example path
-    profile)   # where a compiled step's time goes (SITUATIONS=MODEL:SEQ:MICRO:VARIANT,...)
+    profile)   # where a compiled step's time goes (SITUATIONS=MODEL:SEQ:MICRO:VARIANT,... GRAPHS=true: replayed from CUDA graphs)
                run python3 -m benchmarks.profile_step ${SITUATIONS:+--situations $SITUATIONS} ${EAGER:+--eager} \
+                 $([ "${GRAPHS:-false}" = true ] && echo --cuda-graphs) \
                  --out $OUT/profile.csv ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac

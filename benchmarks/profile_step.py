@@ -25,11 +25,12 @@ from gnsrepro.config import GNSConfig, ModelConfig, OptimConfig, named_model
 from gnsrepro.train import build_step
 from gnsrepro.train import step as train_step
 
-VARIANTS = {  # name: (gns.mode, gns.method, gns.ln_backend)
-    "off": ("off", "auto", "auto"),
-    "ln_torch": ("ln", "auto", "torch"),
-    "ln_triton": ("ln", "auto", "triton"),
-    "all": ("all", "simultaneous", "torch"),
+VARIANTS = {  # name: (gns.mode, gns.method, gns.ln_backend, gns.linear_backend)
+    "off": ("off", "auto", "auto", "torch"),
+    "ln_torch": ("ln", "auto", "torch", "torch"),
+    "ln_triton": ("ln", "auto", "triton", "torch"),
+    "all": ("all", "simultaneous", "torch", "torch"),
+    "all_triton_linear": ("all", "simultaneous", "torch", "triton"),
 }
 KINDS = [  # (kind, regex on the kernel name), first match wins
     ("matmul", r"gemm|cutlass|nvjet|sm90_xmma|cublas|splitK"),
@@ -60,10 +61,10 @@ def _sync(device: torch.device) -> None:
 
 def profile(model: str, seq_len: int, micro: int, variant: str, steps: int, compile: bool,
             device: torch.device, graphs: bool = False) -> dict:
-    mode, method, backend = VARIANTS[variant]
+    mode, method, backend, linear_backend = VARIANTS[variant]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    parts = build_step(model_config(model), GNSConfig(mode=mode, method=method, ln_backend=backend), OptimConfig(),
+    parts = build_step(model_config(model), GNSConfig(mode=mode, method=method, ln_backend=backend, linear_backend=linear_backend), OptimConfig(),
                        device, dtype, compile, micro_batch_size=micro, cuda_graphs=graphs)
     x = torch.randint(0, min(50257, parts.raw_model.config.vocab_size), (micro, seq_len), device=device)
     y = torch.randint(0, min(50257, parts.raw_model.config.vocab_size), (micro, seq_len), device=device)
@@ -110,7 +111,7 @@ def profile(model: str, seq_len: int, micro: int, variant: str, steps: int, comp
     for k, us in by_kind.items():
         print(f"  {k:<28} {us / 1e3:8.2f} ms  {100 * us / df['us'].sum():5.1f}%")
     print("  heaviest kernels (ms/step, launches/step):")
-    for name, r in by_name.head(12).iterrows():
+    for name, r in by_name.head(20).iterrows():
         print(f"    {r['sum'] / 1e3:7.3f} {r['count'] / steps:5.0f}  {name[:110]}")
     return {"model": model, "seq_len": seq_len, "micro": micro, "variant": variant, "compile": compile,
             "graphs": graphs, "step_ms": step_ms, "kernel_ms": busy_ms}
