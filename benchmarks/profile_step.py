@@ -64,7 +64,8 @@ def profile(model: str, seq_len: int, micro: int, variant: str, steps: int, comp
     mode, method, backend, linear_backend = VARIANTS[variant]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    parts = build_step(model_config(model), GNSConfig(mode=mode, method=method, ln_backend=backend, linear_backend=linear_backend), OptimConfig(),
+    gns = GNSConfig(mode=mode, method=method, ln_backend=backend, linear_backend=linear_backend)
+    parts = build_step(model_config(model), gns, OptimConfig(),
                        device, dtype, compile, micro_batch_size=micro, cuda_graphs=graphs)
     x = torch.randint(0, min(50257, parts.raw_model.config.vocab_size), (micro, seq_len), device=device)
     y = torch.randint(0, min(50257, parts.raw_model.config.vocab_size), (micro, seq_len), device=device)

@@ -130,7 +130,9 @@ class GNSConfig:
     mode: str = "off"  # off | ln | all
     method: str = "auto"  # Linear layers: simultaneous | ghost | auto (by the cost model)
     ln_backend: str = "auto"  # torch | triton | auto (measured faster: gnsrepro/kernels/ln_backend.py; torch on CPU)
-    linear_backend: str = "torch"  # simultaneous method: torch | triton (gnsrepro/kernels/per_example_grad.py)
+    # simultaneous method: auto | torch | triton (gnsrepro/kernels/per_example_grad.py); auto: per Linear shape, the
+    # backend measured faster on the GPU (gnsrepro/kernels/linear_backend.csv), torch where none is recorded
+    linear_backend: str = "auto"
     ema_alpha: float = 0.99  # smoothing of the console's GNS and of a GNS-driven schedule; logs keep raw components
     outlier_guard: bool = True  # clip one-step outliers of the components before that smoothing (HampelFilter)
     per_layer: bool = False  # also log one row per parameter

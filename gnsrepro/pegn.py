@@ -56,6 +56,7 @@ size. Step time with gns=ln / all relative to gns=off: `gnsrepro bench overhead`
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -549,24 +550,35 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 
 def instrumented_layers(mode: str = "all", method: str = "auto", ln_backend: str = "torch",
-                        chunk_size: int = 0, linear_backend: str = "torch",
+                        chunk_size: int = 0, linear_backend: str | Callable[[int, int, bool], str] = "torch",
                         chunk_bytes: int = AUTO_CHUNK_BYTES) -> Layers:
     """The layer classes for GPT(config, layers=...): every layer type ("all") or LayerNorm only ("ln").
-    linear_backend: the simultaneous method's backend in the Linear layers and the tied head (torch | triton);
-    chunk_size, chunk_bytes: how the per-example tensors are chunked (_weight_grad_and_sqnorms)."""
+    linear_backend: the simultaneous method's backend in the Linear layers and the tied head (torch | triton), or
+    a function (in_features, out_features, tied_head) -> backend choosing it per layer (gns.linear_backend=auto:
+    gnsrepro.train.resolve_linear_backend); chunk_size, chunk_bytes: how the per-example tensors are chunked
+    (_weight_grad_and_sqnorms)."""
     _check_choice("mode", mode, MODES)
     _check_choice("method", method, LINEAR_METHODS)
-    _check_choice("linear_backend", linear_backend, LINEAR_BACKENDS)
+    if not callable(linear_backend):
+        _check_choice("linear_backend", linear_backend, LINEAR_BACKENDS)
     layer_norm = functools.partial(PerExampleLayerNorm, backend=_check_choice("ln_backend", ln_backend, LN_BACKENDS))
     if mode == "ln":
         return Layers(layer_norm=layer_norm)
-    linear = dict(method=method, chunk_size=chunk_size, backend=linear_backend, chunk_bytes=chunk_bytes)
-    return Layers(
-        linear=functools.partial(PerExampleLinear, **linear),
-        layer_norm=layer_norm,
-        embedding=PerExampleEmbedding,
-        tied_embedding=functools.partial(PerExampleTiedEmbedding, **linear),
-    )
+    common = dict(method=method, chunk_size=chunk_size, chunk_bytes=chunk_bytes)
+
+    def backend(in_features: int, out_features: int, tied_head: bool) -> str:
+        return linear_backend(in_features, out_features, tied_head) if callable(linear_backend) else linear_backend
+
+    def linear(in_features: int, out_features: int, *args, **kwargs) -> PerExampleLinear:
+        return PerExampleLinear(in_features, out_features, *args, **common, **kwargs,
+                                backend=backend(in_features, out_features, False))
+
+    def tied_embedding(num_embeddings: int, embedding_dim: int) -> PerExampleTiedEmbedding:
+        # the head maps embedding_dim -> num_embeddings
+        return PerExampleTiedEmbedding(num_embeddings, embedding_dim, **common,
+                                       backend=backend(embedding_dim, num_embeddings, True))
+
+    return Layers(linear=linear, layer_norm=layer_norm, embedding=PerExampleEmbedding, tied_embedding=tied_embedding)
 
 
 # --------------------------------------------------------------------------------------------------

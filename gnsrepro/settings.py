@@ -27,7 +27,7 @@ DATA_NAMES = ("pycode", "openwebtext", "textdir")
 GNS_MODES = ("off", "ln", "all")
 LINEAR_METHODS = ("auto", "simultaneous", "ghost")
 LN_BACKENDS = ("auto", "torch", "triton")
-LINEAR_BACKENDS = ("torch", "triton")
+LINEAR_BACKENDS = ("auto", "torch", "triton")
 DTYPE_NAMES = ("float32", "bfloat16")
 
 

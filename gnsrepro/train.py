@@ -73,11 +73,42 @@ def resolve_ln_backend(g: GNSConfig, device: torch.device, n_embd: int | None = 
     return ln_backend_choice(g, device, n_embd, compile, micro_batch_size, cuda_graphs)[0]
 
 
+def resolve_linear_backend(g: GNSConfig, device: torch.device, dtype: torch.dtype = torch.float32):
+    """gns.linear_backend as set, or for auto: torch off CUDA, and on CUDA a function (in_features, out_features,
+    tied_head) -> backend that each Linear layer and the tied head is built with: the backend measured faster for
+    that shape and dtype on this GPU (or its family) in gnsrepro/kernels/linear_backend.csv, torch where the table
+    has no row (kernels.linear_backend.choose_linear_backend)."""
+    if g.linear_backend != "auto":
+        return g.linear_backend
+    if device.type != "cuda":
+        return "torch"
+    from gnsrepro.kernels.linear_backend import choose_linear_backend
+
+    name, dtype_name = torch.cuda.get_device_name(device), str(dtype).removeprefix("torch.")
+    return lambda K, L, tied_head: choose_linear_backend(name, dtype_name, K, L, tied_head)[0]
+
+
+def linear_backends(model: torch.nn.Module) -> dict[str, str]:
+    """The simultaneous method's backend of each instrumented Linear shape and of the tied head, as built:
+    {"768 -> 2304": "torch", ..., "tied head 768 -> 50304": "triton"} (empty for gns.mode other than all)."""
+    from gnsrepro.pegn import PerExampleLinear, PerExampleTiedEmbedding
+
+    out = {}
+    for mod in model.modules():
+        if isinstance(mod, PerExampleLinear):
+            out[f"{mod.in_features} -> {mod.out_features}"] = mod.backend
+        elif isinstance(mod, PerExampleTiedEmbedding):
+            V, d = mod.weight.shape
+            out[f"tied head {d} -> {V}"] = mod.backend
+    return out
+
+
 def build_model(m: ModelConfig, g: GNSConfig, device: torch.device, compile: bool = False,
-                micro_batch_size: int | None = None, cuda_graphs: bool = False):
+                micro_batch_size: int | None = None, cuda_graphs: bool = False, dtype: torch.dtype = torch.float32):
     """A GPT with the layers that gns.mode asks for, and the collector of their per-example norms; compile,
     micro_batch_size and cuda_graphs (whether the step will be replayed from a CUDA graph) pick
-    gns.ln_backend=auto's backend (resolve_ln_backend)."""
+    gns.ln_backend=auto's backend (resolve_ln_backend), dtype (the autocast dtype) gns.linear_backend=auto's
+    (resolve_linear_backend)."""
     if g.mode == "off":
         return GPT(gpt_config(m), Layers()).to(device), None
     from gnsrepro.pegn import PerExampleNorms, instrumented_layers
@@ -85,7 +116,8 @@ def build_model(m: ModelConfig, g: GNSConfig, device: torch.device, compile: boo
     backend = resolve_ln_backend(g, device, n_embd=m.n_embd, compile=compile, micro_batch_size=micro_batch_size,
                                  cuda_graphs=cuda_graphs)
     layers = instrumented_layers(g.mode, method=g.method, ln_backend=backend, chunk_size=g.chunk_size,
-                                 linear_backend=g.linear_backend, chunk_bytes=g.chunk_mb * 2**20)
+                                 linear_backend=resolve_linear_backend(g, device, dtype),
+                                 chunk_bytes=g.chunk_mb * 2**20)
     model = GPT(gpt_config(m), layers).to(device)
     return model, PerExampleNorms(model)
 
@@ -165,7 +197,7 @@ def build_step(model_cfg: ModelConfig, gns_cfg: GNSConfig, optim_cfg: OptimConfi
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    raw_model, collector = build_model(model_cfg, gns_cfg, device, compile, micro_batch_size, cuda_graphs)
+    raw_model, collector = build_model(model_cfg, gns_cfg, device, compile, micro_batch_size, cuda_graphs, dtype)
     optimizer = make_optimizer(raw_model, optim_cfg, device)
     model = torch.compile(raw_model) if compile else raw_model
     ddp = None
@@ -452,6 +484,8 @@ def _write_run_record(run: Run, dtype: torch.dtype) -> None:
         record["ln_backend"], record["ln_backend_why"] = ln_backend_choice(
             cfg.gns, run.device, cfg.model.n_embd, cfg.compile, cfg.schedule.micro_batch_size,
             cuda_graphs=run.parts.graphed is not None)
+    if cfg.gns.mode == "all":  # the simultaneous method's backend per Linear shape (gns.linear_backend=auto: measured)
+        record["linear_backends"] = linear_backends(run.parts.raw_model)
     if step:
         record["changed_settings"] = {k: {"before": old, "after": new} for k, (old, new) in run.changed.items()}
     meta = "meta.json" if step == 0 else f"meta-resumed-at-{step}.json"  # the first start's is kept

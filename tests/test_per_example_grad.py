@@ -244,7 +244,7 @@ def test_build_model_passes_the_linear_backend():
 
 def test_bad_linear_backend_is_a_one_line_config_error(monkeypatch):
     validate(make_cfg("gns=all", "gns.linear_backend=triton", "max_steps=1"))  # TRITON_INTERPRET=1 or a GPU
-    with pytest.raises(ConfigError, match=r"^gns.linear_backend='cuda' is not known; accepted: torch, triton$"):
+    with pytest.raises(ConfigError, match=r"^gns.linear_backend='cuda' is not known; accepted: auto, torch, triton$"):
         validate(make_cfg("gns=all", "gns.linear_backend=cuda", "max_steps=1"))
     with pytest.raises(ConfigError, match=r"^linear_backend must be one of torch, triton; got 'cuda'$"):
         instrumented_layers("all", linear_backend="cuda")

@@ -18,7 +18,8 @@ picks there) and, with out=, writes a parquet of one row per situation and varia
   model, n_embd, seq_len, micro_batch_size, compile   the situation
   cuda_graphs         whether each step was replayed from a CUDA graph (gnsrepro.cuda_graphs)
   variant             an OVERHEAD_VARIANTS label: off, ln torch, ln triton, all simultaneous, all ghost,
-                      "all triton linear" (gns.linear_backend=triton), "all simultaneous 16 MiB"
+                      "all torch linear", "all triton linear" (gns.linear_backend=torch, triton; "all
+                      simultaneous" has auto's per-shape choice), "all simultaneous 16 MiB"
                       (gns.chunk_mb=16), "off torch loss" (gns=off with model.loss_kernel=torch in place of
                       auto's Triton loss) and "off flash attention" (gns=off with model.sdpa_backend=flash);
                       these four and ln triton on CUDA only
@@ -69,16 +70,16 @@ class Variant(NamedTuple):
     mode: str  # gns.mode
     method: str = "auto"  # gns.method
     ln_backend: str = "auto"  # gns.ln_backend
-    linear_backend: str = "torch"  # gns.linear_backend (the simultaneous method's Linear layers and head)
+    linear_backend: str = "auto"  # gns.linear_backend (the simultaneous method's Linear layers and head)
     loss_kernel: str = "auto"  # model.loss_kernel (auto, the default: the Triton loss on CUDA)
     sdpa_backend: str = "auto"  # model.sdpa_backend (auto, the default: cuDNN's attention first on a Hopper GPU)
     chunk_mb: int = 256  # gns.chunk_mb (the default: per-example gradients of at most 256 MiB a chunk)
 
     @property
     def cuda_only(self) -> bool:
-        """A Triton kernel that the CPU runs only in the interpreter, or a loss or attention kernel that on a CPU is
-        auto's own (so the variant would time gns=off again)."""
-        return ("triton" in (self.ln_backend, self.linear_backend) or self.loss_kernel != "auto"
+        """A Triton kernel that the CPU runs only in the interpreter, or a backend, loss or attention kernel that on
+        a CPU is auto's own (so the variant would time gns=off or "all simultaneous" again)."""
+        return (self.ln_backend == "triton" or self.linear_backend != "auto" or self.loss_kernel != "auto"
                 or self.sdpa_backend != "auto" or self.chunk_mb != 256)
 
 
@@ -86,7 +87,9 @@ OVERHEAD_VARIANTS = (
     Variant("off", "off"),
     Variant("ln torch", "ln", ln_backend="torch"),
     Variant("ln triton", "ln", ln_backend="triton"),
-    Variant("all simultaneous", "all", "simultaneous"),
+    Variant("all simultaneous", "all", "simultaneous"),  # gns.linear_backend=auto: by shape, as measured
+    # every layer on the PyTorch path (batched matmul of the per-example gradients), the head included
+    Variant("all torch linear", "all", "simultaneous", linear_backend="torch"),
     Variant("all ghost", "all", "ghost"),
     # every layer with the Triton weight-gradient kernel (gnsrepro/kernels/per_example_grad.py), which never
     # writes the per-example gradients that the torch path materialises (824 MB a micro-batch for the 20M head)

@@ -15,10 +15,12 @@ reads it back twice, for the squares and for the sum over b. Here no G_b leaves 
 - The partials are summed per example by torch's sum over the tile axis (a (B, n_tiles) tensor: a few KB).
   No atomics anywhere, so results are the same run to run.
 
-Tile sizes (``_tiles``): for K ≤ 256 one K-tile covers K (then dy, by far the larger input for the
-50304-wide head, is read once); otherwise 128 × 128, or a tile covering L when L ≤ 256 (x read once). Two
-fp32 accumulators (acc_b and dW's) of BLOCK_L × BLOCK_K each sit in registers, so BLOCK_L · BLOCK_K ≤ 16384
-(64 registers per thread each at 8 warps). Every edge is masked (any B, T, K, L).
+Tile sizes: those the tuning sweep recorded for the shape, dtype and GPU (gnsrepro/kernels/linear_backend.csv,
+``python -m benchmarks.tuning.per_example_grad --record``), else a heuristic (``_tiles``): for K ≤ 256 one
+K-tile covers K (then dy, by far the larger input for the 50304-wide head, is read once); otherwise 128 × 128,
+or a tile covering L when L ≤ 256 (x read once). Two fp32 accumulators (acc_b and dW's) of BLOCK_L × BLOCK_K
+each sit in registers, so BLOCK_L · BLOCK_K ≤ 16384 (64 registers per thread each at 8 warps).
+Every edge is masked (any B, T, K, L).
 
 Example groups: with few tiles (a Linear layer of a small model: K = 256, L = 768 is 12 tiles) one program
 per tile would leave most SMs idle, so the examples are split into S groups of consecutive examples, a
@@ -142,9 +144,9 @@ def _pow2_at_least(n: int, low: int = 16) -> int:
 
 
 def _tiles(K: int, L: int, element_size: int) -> Tiles:
-    """Tile sizes for x (B, T, K), dy (B, T, L) (module docstring, "Tile sizes"). Not yet tuned on a GPU:
-    BLOCK_T keeps a pipeline stage (BLOCK_T · (BLOCK_L + BLOCK_K) input elements) at 40 KB or less, so
-    three stages fit in shared memory."""
+    """Tile sizes for x (B, T, K), dy (B, T, L) (module docstring, "Tile sizes") where the tuning sweep recorded
+    none for the shape (_launch_tiles). BLOCK_T keeps a pipeline stage (BLOCK_T · (BLOCK_L + BLOCK_K) input
+    elements) at 40 KB or less, so three stages fit in shared memory."""
     if K <= 256:
         block_k = _pow2_at_least(K)
         block_l = min(_pow2_at_least(L), max(16, MAX_TILE_ELEMENTS // block_k), 128)
@@ -156,6 +158,23 @@ def _tiles(K: int, L: int, element_size: int) -> Tiles:
     block_t = 64 if element_size <= 2 else 32
     num_warps = 8 if block_l * block_k >= 8192 else 4
     return Tiles(block_l, block_k, block_t, num_warps, 3)
+
+
+def _launch_tiles(x: Tensor, K: int, L: int) -> Tiles:
+    """The tiles recorded for this shape, dtype and GPU by the tuning sweep (gnsrepro/kernels/linear_backend.csv,
+    `python -m benchmarks.tuning.per_example_grad --record`), else the heuristic's (_tiles)."""
+    if x.is_cuda:
+        from gnsrepro.kernels.linear_backend import recorded_tiles
+
+        recorded = recorded_tiles(_device_name(x.device.index), str(x.dtype).removeprefix("torch."), K, L)
+        if recorded is not None:
+            return Tiles(*recorded)
+    return _tiles(K, L, x.element_size())
+
+
+@functools.cache
+def _device_name(device_index: int | None) -> str:
+    return torch.cuda.get_device_name(device_index)
 
 
 @functools.cache
@@ -194,7 +213,7 @@ def weight_grad_and_sqnorms_launch(
         dy = dy.contiguous()
     if B * T * K * L == 0:
         return x.new_zeros((L, K), dtype=torch.float32), x.new_zeros((B,), dtype=torch.float32)
-    cfg = tiles or _tiles(K, L, x.element_size())
+    cfg = tiles or _launch_tiles(x, K, L)
     n_k = triton.cdiv(K, cfg.block_k)
     n_tiles = triton.cdiv(L, cfg.block_l) * n_k
     groups = example_groups or _example_groups(B, n_tiles, x.device)
