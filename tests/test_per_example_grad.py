@@ -30,6 +30,8 @@ from gnsrepro.kernels.per_example_grad import (
     weight_grad_and_sqnorms,
     weight_grad_and_sqnorms_launch,
     weight_grad_and_sqnorms_reference,
+    weight_grad_sqnorms_and_rows,
+    weight_grad_sqnorms_and_rows_launch,
 )
 from gnsrepro.pegn import (
     PerExampleLinear,
@@ -139,6 +141,45 @@ def test_tied_head_rows_without_per_example_gradients(dtype):
     assert_close_to(got[0], got[1], want[0], want[1], TOL[dtype], "head")
     assert got[2].shape == (B, T, K) and got[2].dtype == torch.float32
     assert rel(got[2], want[2]) <= TOL[dtype]
+
+
+def vmap_rows(x, dy, ids):
+    """rows[b, t] = G_b[ids[b, t]] in float64 from the vmap per-example gradients."""
+    x64, dy64 = x.double().cpu(), dy.double().cpu()
+    W = torch.zeros(dy.shape[-1], x.shape[-1], dtype=torch.float64)
+    G = vmap(grad(lambda W, xb, dyb: (F.linear(xb, W) * dyb).sum()), in_dims=(None, 0, 0))(W, x64, dy64)
+    return G.gather(1, ids.cpu()[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiles,groups", [(None, 0), (SMALL_TILES, 2)], ids=["default_tiles", "16x16x16_2groups"])
+def test_kernel_rows_match_vmap(dtype, tiles, groups):
+    """weight_grad_sqnorms_and_rows: dW and |G_b|² as without rows, and rows[b, t] = G_b[ids[b, t]] against float64
+    vmap gradients, with ids repeating within an example, ids in the last partial L-tile and at 0 and L - 1, and
+    16-row tiles that put an example's ids in many tiles."""
+    for B, T, K, L in [(1, 1, 5, 3), (3, 33, 24, 97), (2, 7, 40, 40), (3, 40, 5, 24)]:
+        what = f"{dtype} B={B} T={T} K={K} L={L}"
+        x, dy = make(B, T, K, L, dtype, seed=B + T + K + L)
+        ids = torch.randint(0, L, (B, T), generator=torch.Generator().manual_seed(T))
+        ids[:, 0], ids[:, -1] = L - 1, 0
+        if T > 5:
+            ids[:, 5] = ids[:, 1]
+        ids = ids.to(DEV)
+        dW, sq, rows = weight_grad_sqnorms_and_rows_launch(x, dy, ids, tiles, groups)
+        assert_close_to(dW, sq, *vmap_reference(x, dy), TOL[dtype], what)
+        assert rows.shape == (B, T, K) and rows.dtype == torch.float32, what
+        err = rel(rows.cpu(), vmap_rows(x, dy, ids))
+        assert err <= TOL[dtype], f"{what} rows: {err:.2e}"
+        rows32 = weight_grad_sqnorms_and_rows_launch(x, dy, ids.int(), tiles, groups)[2]
+        assert torch.equal(rows32, rows), what  # int32 ids: the same rows
+
+
+def test_kernel_rows_reject_bad_ids():
+    x, dy = make(2, 3, 5, 4, torch.float32)
+    with pytest.raises(ValueError, match=r"ids must be \(B, T\) int32 or int64"):
+        weight_grad_sqnorms_and_rows(x, dy, torch.zeros(2, 4, dtype=torch.int64, device=DEV))
+    with pytest.raises(ValueError, match=r"ids must be \(B, T\) int32 or int64"):
+        weight_grad_sqnorms_and_rows(x, dy, torch.zeros(2, 3, device=DEV))
 
 
 # ---- in a model --------------------------------------------------------------------------------------------
@@ -277,6 +318,24 @@ def test_gpu_odd_shapes_match_float64(dtype, tiles, groups, monkeypatch):
         x, dy = make(B, T, K, L, dtype, seed=B + T + K + L)
         dW, sq = weight_grad_and_sqnorms_launch(x, dy, tiles, groups)
         assert_close_to(dW, sq, *vmap_reference(x, dy), 1e-5, f"{dtype} B={B} T={T} K={K} L={L}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,K,V", [(16, 1024, 256, 50304), (3, 129, 300, 1000)])
+def test_gpu_kernel_rows_match_the_torch_path(B, T, K, V):
+    """The compiled kernel's rows (and dW, |G_b|²) at the 20M head's bf16 shape and an odd one, against pegn's
+    torch path, which gathers them from the materialised per-example gradients; prints the times of the rows
+    in the kernel and of the kernel plus pegn's gather of them; asserts nothing about them."""
+    x, dy = make(B, T, K, V, torch.bfloat16, seed=3)
+    x, dy = x / K**0.5, dy / V**0.5
+    ids = torch.randint(0, V, (B, T), device=DEV, generator=torch.Generator(DEV).manual_seed(4))
+    want_dW, want_sq, want_rows = _weight_grad_and_sqnorms(x, dy, "simultaneous", 0, ids=ids)
+    dW, sq, rows = weight_grad_sqnorms_and_rows(x, dy, ids)
+    assert rel(dW, want_dW) <= 1e-4 and rel(rows, want_rows) <= 1e-4
+    torch.testing.assert_close(sq, want_sq, rtol=1e-4, atol=0)
+    in_kernel = _time_ms(lambda: weight_grad_sqnorms_and_rows(x, dy, ids))
+    gathered = _time_ms(lambda: _weight_grad_and_sqnorms(x, dy, "simultaneous", 0, ids=ids, backend="triton"))
+    print(f"\nrows at ({B}, {T}, {K}) -> {V}: in the kernel {in_kernel:.3f} ms, kernel + gather {gathered:.3f} ms")
 
 
 @pytest.mark.gpu

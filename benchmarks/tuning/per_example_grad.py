@@ -28,7 +28,13 @@ import torch
 from gnsrepro.benchmarks.layernorm import capture, time_us
 from gnsrepro.config import named_model
 from gnsrepro.kernels.ln_backend import faster_backend
-from gnsrepro.kernels.per_example_grad import MAX_TILE_ELEMENTS, Tiles, _tiles, weight_grad_and_sqnorms_launch
+from gnsrepro.kernels.per_example_grad import (
+    MAX_TILE_ELEMENTS,
+    Tiles,
+    _tiles,
+    weight_grad_and_sqnorms_launch,
+    weight_grad_sqnorms_and_rows_launch,
+)
 from gnsrepro.pegn import _head_rows, _weight_grad_and_sqnorms
 
 SHARED_MEMORY_BYTES = 200 * 1024  # what a Hopper SM's programs may use of its 228 KB: the stages must fit
@@ -91,6 +97,12 @@ def tune_shape(B: int, T: int, K: int, L: int, tied_head: bool, label: str) -> d
     triton_ms = kernel_ms + rows_ms
     print(f"  fastest {tuple(tiles)}: triton {triton_ms:.3f} ms against torch {torch_ms:.3f} ms "
           f"({triton_ms / torch_ms:.2f}x)", flush=True)
+    if tied_head:  # the rows copied out of the kernel's tiles instead of gathered (not yet what pegn runs)
+        ref_rows = _weight_grad_and_sqnorms(x, dy, "simultaneous", 0, ids=ids)[2]
+        in_kernel = functools.partial(weight_grad_sqnorms_and_rows_launch, x, dy, ids, tiles=tiles)
+        err = _rel(in_kernel()[2], ref_rows)
+        print(f"  with the rows in the kernel, {tuple(tiles)}: {_graphed_ms(in_kernel):.3f} ms "
+              f"(rows' rel. diff {err:.1e}) against {triton_ms:.3f} ms", flush=True)
     return {"batch": B, "seq_len": T, "in_features": K, "out_features": L, "tied_head": tied_head,
             "torch_ms": round(torch_ms, 3), "triton_ms": round(triton_ms, 3),
             "faster": faster_backend(round(torch_ms, 3), round(triton_ms, 3)), "block_l": tiles.block_l,

@@ -37,6 +37,16 @@ Counts, for n_L = ⌈L / BLOCK_L⌉ and n_K = ⌈K / BLOCK_K⌉ tiles and e byte
   reading dy and x: for the head at micro-batch 16 (L = 50304, K = 256) 824 MB written and 1.65 GB read
   that this kernel does not move.
 
+Rows (``weight_grad_sqnorms_and_rows``, the tied head): the tied embedding's cross term needs rows[b, t] =
+G_b[ids[b, t]], the rows of example b's head gradient at its own token ids. The PyTorch path gathers them from
+its materialised G; without G, pegn gathers a (T, T) slice of dy per example (pegn._head_rows: 0.42 ms at 20M's
+micro-batch of 16 on an H200, a third of the kernel's own time). Here each program, after an example's G_b tile
+is complete in registers, copies out the rows of the ids that fall in its L-tile: the host side sorts each
+example's ids and finds where each L-tile's begin (torch.sort, torch.searchsorted, on the device, no sync), and
+the program loops over its segment, extracting a row by a masked sum over BLOCK_L (BLOCK_L · BLOCK_K operations
+a row, against the tile's 2 · T · BLOCK_L · BLOCK_K of matmul). Every (b, t) falls in one L-tile, so each row is
+written once per K-tile, without atomics.
+
 Precision: fp32 accumulation of exact products for bf16/fp16 inputs, as the PyTorch path's fp32-output
 matmul; fp32 inputs use TF32 when torch.backends.cuda.matmul.allow_tf32 is set (as torch's own fp32
 matmul then does; the trainer sets it on CUDA), full fp32 otherwise and always on a CPU (TRITON_INTERPRET=1).
@@ -68,6 +78,10 @@ def _weight_grad_sqnorms_kernel(
     DY,  # (B, T, L) incoming gradient, any strides; X's dtype
     DW,  # (S, L, K) fp32 contiguous: the weight gradient (S = 1) or one partial per group of examples
     SQ,  # (B, N_TILES) fp32 contiguous: Σ over the tile of G_b², per example and tile
+    ROWS,  # (B, T, K) fp32 contiguous, HAS_ROWS: rows[b, t] = G_b[ids[b, t]] (the tied head's)
+    IDS_SORTED,  # (B, T) contiguous, HAS_ROWS: each example's ids in ascending order
+    POS_SORTED,  # (B, T) contiguous, HAS_ROWS: the position t of each sorted id
+    SEG,  # (B, N_L_TILES + 1) contiguous, HAS_ROWS: sorted entries [SEG[b, j], SEG[b, j + 1]) fall in L-tile j
     B,
     T,
     K,
@@ -81,11 +95,13 @@ def _weight_grad_sqnorms_kernel(
     EXAMPLES_PER_GROUP,  # consecutive examples per program along grid axis 1
     N_TILES,  # tiles of W: n_L · n_K
     N_K_TILES,  # n_K; tile `pid` is (pid // n_K, pid % n_K), so the programs reading one dy strip are adjacent
+    N_L_TILES,  # n_L
     BLOCK_L: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "ieee" | "tf32" for fp32 inputs (ignored for 16-bit ones)
     UPCAST: tl.constexpr,  # dot in fp32 (the CPU interpreter, whose dot multiplies bf16's raw bits as integers)
+    HAS_ROWS: tl.constexpr,  # also write the rows of G_b at the example's ids (module docstring, "Rows")
 ):
     pid = tl.program_id(0)
     group = tl.program_id(1)
@@ -119,6 +135,13 @@ def _weight_grad_sqnorms_kernel(
         dw_acc += acc
         # masked rows and columns of acc are exact zeros: they add nothing to the square sum
         tl.store(SQ + b * N_TILES + pid, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+        if HAS_ROWS:  # the ids of example b that fall in this L-tile: copy their rows of the G_b tile out
+            seg = SEG + b * (N_L_TILES + 1) + pid_l
+            for i in range(tl.load(seg), tl.load(seg + 1)):
+                r = tl.load(IDS_SORTED + b * T + i) - pid_l * BLOCK_L
+                t = tl.load(POS_SORTED + b * T + i)
+                row = tl.sum(tl.where(tl.arange(0, BLOCK_L)[:, None] == r, acc, 0.0), axis=0)
+                tl.store(ROWS + (t.to(tl.int64) + b * T) * K + offs_k, row, mask=kmask)  # 64-bit: B·T·K may pass 2³¹
         x_base += stride_xb
         dy_base += stride_yb
     dw_ptrs = DW + group.to(tl.int64) * L * K + offs_l[:, None] * K + offs_k[None, :]
@@ -204,7 +227,21 @@ def weight_grad_and_sqnorms_launch(
 ) -> tuple[Tensor, Tensor]:
     """(dW (L, K) fp32, sq (B,) fp32) by the Triton kernel; tiles and example_groups (0: automatic) override
     the launch configuration, for the tests. See weight_grad_and_sqnorms."""
-    _check_inputs(x, dy)
+    dw, sq, _ = _launch(x, dy, None, tiles, example_groups)
+    return dw, sq
+
+
+def weight_grad_sqnorms_and_rows_launch(
+    x: Tensor, dy: Tensor, ids: Tensor, tiles: Optional[Tiles] = None, example_groups: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dW, sq, rows (B, T, K) fp32) by the Triton kernel, rows[b, t] = G_b[ids[b, t]]; see
+    weight_grad_sqnorms_and_rows."""
+    return _launch(x, dy, ids, tiles, example_groups)
+
+
+def _launch(x: Tensor, dy: Tensor, ids: Optional[Tensor], tiles: Optional[Tiles],
+            example_groups: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    _check_inputs(x, dy, ids)
     B, T, K = x.shape
     L = dy.shape[-1]
     if x.stride(-1) != 1:  # rows are read as vectors along the feature axis
@@ -212,27 +249,40 @@ def weight_grad_and_sqnorms_launch(
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     if B * T * K * L == 0:
-        return x.new_zeros((L, K), dtype=torch.float32), x.new_zeros((B,), dtype=torch.float32)
+        return (x.new_zeros((L, K), dtype=torch.float32), x.new_zeros((B,), dtype=torch.float32),
+                None if ids is None else x.new_zeros((B, T, K), dtype=torch.float32))
     cfg = tiles or _launch_tiles(x, K, L)
     n_k = triton.cdiv(K, cfg.block_k)
-    n_tiles = triton.cdiv(L, cfg.block_l) * n_k
+    n_l = triton.cdiv(L, cfg.block_l)
+    n_tiles = n_l * n_k
     groups = example_groups or _example_groups(B, n_tiles, x.device)
     per_group = triton.cdiv(B, min(groups, B))
     groups = triton.cdiv(B, per_group)  # no empty group
     dw = torch.empty((groups, L, K), dtype=torch.float32, device=x.device)
     partials = torch.empty((B, n_tiles), dtype=torch.float32, device=x.device)
+    rows = ids_sorted = pos_sorted = seg = None
+    if ids is not None:
+        # each example's ids sorted, and where each L-tile's ids begin in that order: a program copies out the rows
+        # of its own tile only (no sync: the segment bounds stay on the device)
+        ids_sorted, pos_sorted = ids.reshape(B, T).sort(dim=1)
+        bounds = torch.arange(n_l + 1, device=ids.device, dtype=ids_sorted.dtype) * cfg.block_l
+        seg = torch.searchsorted(ids_sorted, bounds.expand(B, -1).contiguous())
+        rows = torch.empty((B, T, K), dtype=torch.float32, device=x.device)
     _weight_grad_sqnorms_kernel[(n_tiles, groups)](
-        x, dy, dw, partials, B, T, K, L, *x.stride(), *dy.stride(), per_group, n_tiles, n_k,
+        x, dy, dw, partials, *((rows, ids_sorted, pos_sorted, seg) if ids is not None else (dw,) * 4),
+        B, T, K, L, *x.stride(), *dy.stride(), per_group, n_tiles, n_k, n_l,
         BLOCK_L=cfg.block_l, BLOCK_K=cfg.block_k, BLOCK_T=cfg.block_t, INPUT_PRECISION=_input_precision(x),
-        UPCAST=x.device.type == "cpu",
+        UPCAST=x.device.type == "cpu", HAS_ROWS=ids is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return (dw[0] if groups == 1 else dw.sum(0)), partials.sum(1)
+    return (dw[0] if groups == 1 else dw.sum(0)), partials.sum(1), rows
 
 
-def _check_inputs(x: Tensor, dy: Tensor) -> None:
+def _check_inputs(x: Tensor, dy: Tensor, ids: Optional[Tensor] = None) -> None:
     if x.dim() != 3 or dy.dim() != 3 or x.shape[:2] != dy.shape[:2]:
         raise ValueError(f"x must be (B, T, K) and dy (B, T, L); got {tuple(x.shape)} and {tuple(dy.shape)}")
+    if ids is not None and (tuple(ids.shape) != tuple(x.shape[:2]) or ids.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"ids must be (B, T) int32 or int64 as x's (B, T); got {tuple(ids.shape)} {ids.dtype}")
     if x.dtype != dy.dtype or x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"x and dy must have one dtype of float32, bfloat16, float16; got {x.dtype} and {dy.dtype}")
 
@@ -250,6 +300,29 @@ def _weight_grad_and_sqnorms_op(x: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
 @_weight_grad_and_sqnorms_op.register_fake
 def _(x, dy):
     return x.new_empty((dy.shape[-1], x.shape[-1]), dtype=torch.float32), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+
+@torch.library.custom_op("gnsrepro::weight_grad_sqnorms_and_rows", mutates_args=())
+def _weight_grad_sqnorms_and_rows_op(x: Tensor, dy: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return weight_grad_sqnorms_and_rows_launch(x, dy, ids)
+
+
+@_weight_grad_sqnorms_and_rows_op.register_fake
+def _(x, dy, ids):
+    return (x.new_empty((dy.shape[-1], x.shape[-1]), dtype=torch.float32),
+            x.new_empty(x.shape[:1], dtype=torch.float32), x.new_empty(x.shape, dtype=torch.float32))
+
+
+def weight_grad_sqnorms_and_rows(x: Tensor, dy: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """weight_grad_and_sqnorms's (dW, sq) and the tied head's rows (B, T, K) fp32, rows[b, t] = G_b[ids[b, t]]
+    (the rows of example b's weight gradient at its own token ids, which the tied embedding's cross term needs;
+    gnsrepro.pegn), copied out of the kernel's G_b tiles: no gather from dy. ids (B, T) int32 or int64 in
+    [0, L). Eager calls launch the kernel; under torch.compile the custom op
+    ``gnsrepro::weight_grad_sqnorms_and_rows`` is recorded instead.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.gnsrepro.weight_grad_sqnorms_and_rows(x, dy, ids)
+    return weight_grad_sqnorms_and_rows_launch(x, dy, ids)
 
 
 def weight_grad_and_sqnorms(x: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
@@ -293,4 +366,6 @@ __all__ = [
     "weight_grad_and_sqnorms",
     "weight_grad_and_sqnorms_launch",
     "weight_grad_and_sqnorms_reference",
+    "weight_grad_sqnorms_and_rows",
+    "weight_grad_sqnorms_and_rows_launch",
 ]
