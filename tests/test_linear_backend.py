@@ -146,3 +146,24 @@ def test_gpu_auto_builds_what_the_table_says():
         tied = key.startswith("tied head ")
         K, L = (int(v) for v in key.removeprefix("tied head ").split(" -> "))
         assert backend == LB.choose_linear_backend(name, "bfloat16", K, L, tied)[0], key
+
+
+def test_meta_json_names_each_linear_shapes_backend(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    import gnsrepro.train as T
+    from gnsrepro.config import TrainConfig
+
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.gns.mode, cfg.gns.ln_backend = "all", "torch"
+    model, _ = build_model(ModelConfig(vocab_size=64, n_embd=32, n_head=2, n_layer=1, block_size=8),
+                           GNSConfig(mode="all", ln_backend="torch", linear_backend="triton"), torch.device("cpu"))
+    run = SimpleNamespace(out=tmp_path / "run", cfg=cfg, step=0, changed={}, device=torch.device("cpu"),
+                          parts=SimpleNamespace(raw_model=model, graphed=None), d=SimpleNamespace(world_size=1))
+    T._write_run_record(run, torch.float32)
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["linear_backends"] == {"32 -> 96": "triton", "32 -> 32": "triton", "32 -> 128": "triton",
+                                       "128 -> 32": "triton", "tied head 32 -> 64": "triton"}
