@@ -27,7 +27,7 @@ import torch
 
 from gnsrepro.benchmarks.layernorm import capture, time_us
 from gnsrepro.config import named_model
-from gnsrepro.kernels.ln_backend import faster_backend
+from gnsrepro.kernels.backend_table import faster_backend
 from gnsrepro.kernels.per_example_grad import (
     MAX_TILE_ELEMENTS,
     Tiles,

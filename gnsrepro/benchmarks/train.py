@@ -334,7 +334,7 @@ def _situation_rows(cfg, results: list[dict] | None, labels: list[str], cuda_gra
 def ln_backend_rows(rows: list[dict], device_name: str, commit: str, day: str) -> list[dict]:
     """ln_backend.csv rows (gnsrepro.kernels.ln_backend.TABLE_COLUMNS) of the situations in bench overhead's rows
     where both "ln torch" and "ln triton" were timed, each with the command that measures that situation again."""
-    from gnsrepro.kernels.ln_backend import faster_backend
+    from gnsrepro.kernels.backend_table import faster_backend
 
     times: dict[tuple, dict[str, float]] = {}
     for r in rows:

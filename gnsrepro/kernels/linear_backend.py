@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from gnsrepro.kernels.ln_backend import _positive_int, _positive_number, _rows_of_device, faster_backend, gpu_family
+from gnsrepro.kernels.backend_table import check_measured_rows, gpu_family, replace_rows, rows_of_device
 
 LINEAR_BACKEND_TABLE = Path(__file__).with_name("linear_backend.csv")
 TILE_COLUMNS = ("block_l", "block_k", "block_t", "num_warps", "num_stages")
@@ -64,44 +64,24 @@ def check_table(df: pd.DataFrame, where: str = "linear_backend table") -> None:
     """Raise ValueError naming the first problem: the columns, a dtype not in DTYPES, a tied_head that is not a
     boolean, a shape or tile that is not a positive integer, a time that is not a positive number, a `faster` that
     is not the backend with the smaller time, an empty device, date or command, or two rows for one situation."""
-    if tuple(df.columns) != TABLE_COLUMNS:
-        raise ValueError(f"{where}: columns {list(df.columns)}; expected {list(TABLE_COLUMNS)}")
-    for i, row in enumerate(df.to_dict("records"), start=1):
-        line = f"{where} row {i}"
-        if row["dtype"] not in DTYPES:
-            raise ValueError(f"{line}: dtype={row['dtype']!r} is not one of {', '.join(DTYPES)}")
-        if str(row["tied_head"]) not in ("True", "False"):
-            raise ValueError(f"{line}: tied_head={row['tied_head']!r} is not True or False")
-        for key in ("batch", "seq_len", "in_features", "out_features", *TILE_COLUMNS):
-            if not _positive_int(row[key]):
-                raise ValueError(f"{line}: {key}={row[key]!r} is not a positive integer")
-        if not (_positive_number(row["torch_ms"]) and _positive_number(row["triton_ms"])):
-            raise ValueError(f"{line}: torch_ms={row['torch_ms']!r}, triton_ms={row['triton_ms']!r} must be "
-                             "positive numbers")
-        if row["faster"] != faster_backend(float(row["torch_ms"]), float(row["triton_ms"])):
-            raise ValueError(f"{line}: faster={row['faster']!r} but torch_ms={row['torch_ms']} and "
-                             f"triton_ms={row['triton_ms']}")
-        for key in ("device", "date", "command"):
-            if not str(row[key]).strip():
-                raise ValueError(f"{line}: {key} is empty")
-    situations = df[list(SITUATION_KEY)].astype(str)
-    duplicated = situations.duplicated()
-    if duplicated.any():
-        raise ValueError(f"{where} row {int(duplicated.to_numpy().argmax()) + 1}: a second row for the situation "
-                         f"{dict(situations[duplicated].iloc[0])}")
+    for i, dtype in enumerate(df["dtype"] if "dtype" in df else [], start=1):
+        if dtype not in DTYPES:
+            raise ValueError(f"{where} row {i}: dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    check_measured_rows(df, where, TABLE_COLUMNS, SITUATION_KEY, ("tied_head",),
+                        ("batch", "seq_len", "in_features", "out_features", *TILE_COLUMNS))
 
 
 def nearest_row(device_name: str, dtype: str, in_features: int, out_features: int, tied_head: bool | None = None,
                 table: str | os.PathLike | pd.DataFrame | None = None) -> dict | None:
     """The recorded row for this shape (K, L), dtype and (unless None) tied_head on this device name, else its GPU
-    model, else its family (ln_backend._rows_of_device: H100 and H200 stand in for each other); of several (other
+    model, else its family (backend_table.rows_of_device: H100 and H200 stand in for each other); of several (other
     B, T), the latest date, then the row last in the table. None when there is no such row."""
     df = table if isinstance(table, pd.DataFrame) else read_table(table)
     same = ((df["dtype"] == dtype) & (df["in_features"].astype(int) == in_features)
             & (df["out_features"].astype(int) == out_features))
     if tied_head is not None:
         same &= df["tied_head"].astype(str) == str(bool(tied_head))
-    rows = _rows_of_device(df[same], device_name)
+    rows = rows_of_device(df[same], device_name)
     if rows.empty:
         return None
     return rows.sort_values("date", kind="stable").iloc[-1].to_dict()
@@ -132,18 +112,6 @@ def record_linear_backend(rows: list[dict], path: str | os.PathLike | None = Non
     """Write rows (dicts of TABLE_COLUMNS) into linear_backend.csv, each replacing the row of its situation
     (SITUATION_KEY) if there is one; sorted by situation, written atomically. Returns the table."""
     path = Path(LINEAR_BACKEND_TABLE if path is None else path)
-    old = read_table(path)
-    new = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-    check_table(new, "the rows to record")
-    key = list(SITUATION_KEY)
-    keys = lambda df: df[key].astype(str).agg("|".join, axis=1)  # noqa: E731 - tied_head True and "True" alike
-    kept = old[~keys(old).isin(set(keys(new)))] if len(old) else old
-    table = pd.concat([kept, new], ignore_index=True) if len(kept) else new
-    table["tied_head"] = table["tied_head"].astype(str) == "True"
-    table = table.sort_values(key, kind="stable", ignore_index=True)
-    check_table(table, str(path))
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    table = replace_rows(path, read_table(path), rows, TABLE_COLUMNS, SITUATION_KEY, ("tied_head",), check_table)
     recorded_tiles.cache_clear()
     return table

@@ -34,32 +34,26 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 import pandas as pd
+
+from gnsrepro.kernels.backend_table import (  # noqa: F401 - gpu_model, GPU_FAMILIES: part of this module's API
+    GPU_FAMILIES,
+    check_measured_rows,
+    faster_backend,
+    gpu_family,
+    gpu_model,
+    replace_rows,
+    rows_of_device,
+)
 
 LN_BACKEND_TABLE = Path(__file__).with_name("ln_backend.csv")
 TABLE_COLUMNS = ("device", "compile", "cuda_graphs", "n_embd", "micro_batch_size", "seq_len", "torch_ms", "triton_ms",
                  "faster", "date", "commit", "command")
 SITUATION_KEY = ("device", "compile", "cuda_graphs", "n_embd", "micro_batch_size", "seq_len")  # one row per situation
 FLAG_COLUMNS = ("compile", "cuda_graphs")  # True / False
-# GPU models whose measurements stand in for each other when the exact model has no row: the same chip
-# generation (compute capability 9.0, Hopper); H200 is H100's die with more and faster HBM
-GPU_FAMILIES = {"H100": "sm90", "H200": "sm90", "H800": "sm90", "H20": "sm90", "GH200": "sm90"}
 DEFAULT_CUDA_BACKEND = "triton"  # where nothing is recorded for the GPU's family (the behaviour before the table)
-
-
-def gpu_model(device_name: str) -> str:
-    """The GPU model in a device name: "NVIDIA H100 80GB HBM3" -> "H100", "NVIDIA A100-SXM4-80GB" -> "A100";
-    a name without such a token (letters then digits) is its own model."""
-    token = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", device_name.upper())
-    return token.group(1) if token else device_name.strip().upper()
-
-
-def gpu_family(device_name: str) -> str:
-    model = gpu_model(device_name)
-    return GPU_FAMILIES.get(model, model)
 
 
 def read_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
@@ -74,69 +68,19 @@ def read_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
     return df
 
 
-def _positive_int(value) -> bool:
-    try:
-        return float(value).is_integer() and int(float(value)) > 0
-    except (TypeError, ValueError):
-        return False
-
-
-def _positive_number(value) -> bool:
-    try:
-        return math.isfinite(float(value)) and float(value) > 0
-    except (TypeError, ValueError):
-        return False
-
-
 def check_table(df: pd.DataFrame, where: str = "ln_backend table") -> None:
     """Raise ValueError naming the first problem of a table: its columns, a compile or cuda_graphs flag that is
     not a boolean, a width, micro-batch or context that is not a positive integer, a time that is not a positive
     number, a `faster` that is not the backend with the smaller time, an empty device, date or command, or two
     rows for one situation (SITUATION_KEY)."""
-    if tuple(df.columns) != TABLE_COLUMNS:
-        raise ValueError(f"{where}: columns {list(df.columns)}; expected {list(TABLE_COLUMNS)}")
-    for i, row in enumerate(df.to_dict("records"), start=1):
-        line = f"{where} row {i}"
-        for key in FLAG_COLUMNS:
-            if str(row[key]) not in ("True", "False"):
-                raise ValueError(f"{line}: {key}={row[key]!r} is not True or False")
-        for key in ("n_embd", "micro_batch_size", "seq_len"):
-            if not _positive_int(row[key]):
-                raise ValueError(f"{line}: {key}={row[key]!r} is not a positive integer")
-        if not (_positive_number(row["torch_ms"]) and _positive_number(row["triton_ms"])):
-            raise ValueError(f"{line}: torch_ms={row['torch_ms']!r}, triton_ms={row['triton_ms']!r} must be "
-                             "positive numbers")
-        if row["faster"] != faster_backend(float(row["torch_ms"]), float(row["triton_ms"])):
-            raise ValueError(f"{line}: faster={row['faster']!r} but torch_ms={row['torch_ms']} and "
-                             f"triton_ms={row['triton_ms']}")
-        for key in ("device", "date", "command"):
-            if not str(row[key]).strip():
-                raise ValueError(f"{line}: {key} is empty")
-    situations = df[list(SITUATION_KEY)].astype(str)
-    duplicated = situations.duplicated()
-    if duplicated.any():
-        raise ValueError(f"{where} row {int(duplicated.to_numpy().argmax()) + 1}: a second row for the situation "
-                         f"{dict(situations[duplicated].iloc[0])}")
-
-
-def faster_backend(torch_ms: float, triton_ms: float) -> str:
-    return "torch" if torch_ms <= triton_ms else "triton"
+    check_measured_rows(df, where, TABLE_COLUMNS, SITUATION_KEY, FLAG_COLUMNS,
+                        ("n_embd", "micro_batch_size", "seq_len"))
 
 
 def _measurement_name(compile: bool, cuda_graphs: bool | None) -> str:
     """"compiled measurement with CUDA graphs", "eager measurement without CUDA graphs"; cuda_graphs None: either."""
     graphs = {True: " with CUDA graphs", False: " without CUDA graphs", None: ""}[cuda_graphs]
     return ("compiled" if compile else "eager") + " measurement" + graphs
-
-
-def _rows_of_device(rows: pd.DataFrame, device_name: str) -> pd.DataFrame:
-    """The rows of this device name, else of its GPU model (gpu_model), else of its family (GPU_FAMILIES); none
-    of these: an empty frame."""
-    for matches in (rows["device"].str.strip() == device_name.strip(), rows["device"].map(gpu_model) ==
-                    gpu_model(device_name), rows["device"].map(gpu_family) == gpu_family(device_name)):
-        if matches.any():
-            return rows[matches]
-    return rows.iloc[:0]
 
 
 def choose_ln_backend(device_name: str, compile: bool, n_embd: int | None, micro_batch_size: int | None,
@@ -156,10 +100,10 @@ def choose_ln_backend(device_name: str, compile: bool, n_embd: int | None, micro
     df = table if isinstance(table, pd.DataFrame) else read_table(table)
     same_mode = df[df["compile"].astype(str) == str(bool(compile))]
     graphed = same_mode["cuda_graphs"].astype(str) == "True"
-    rows = _rows_of_device(same_mode[graphed == bool(cuda_graphs)], device_name)
+    rows = rows_of_device(same_mode[graphed == bool(cuda_graphs)], device_name)
     measured, fallback = _measurement_name(compile, bool(cuda_graphs)), ""
     if rows.empty and cuda_graphs:
-        rows = _rows_of_device(same_mode[~graphed], device_name)
+        rows = rows_of_device(same_mode[~graphed], device_name)
         fallback = f"no {measured} for {device_name} ({gpu_family(device_name)}) in ln_backend.csv, so one without: "
         measured = _measurement_name(compile, False)
     if rows.empty:
@@ -186,18 +130,4 @@ def record_ln_backend(rows: list[dict], path: str | os.PathLike | None = None) -
     """Write rows (dicts of TABLE_COLUMNS) into ln_backend.csv, each replacing the row of its situation
     (SITUATION_KEY) if there is one; the table sorted by situation, written atomically. Returns the table."""
     path = Path(LN_BACKEND_TABLE if path is None else path)
-    old = read_table(path)
-    new = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-    check_table(new, "the rows to record")
-    key = list(SITUATION_KEY)
-    keys = lambda df: df[key].astype(str).agg("|".join, axis=1)  # noqa: E731 - compile True and "True" alike
-    kept = old[~keys(old).isin(set(keys(new)))] if len(old) else old
-    table = pd.concat([kept, new], ignore_index=True) if len(kept) else new
-    for flag in FLAG_COLUMNS:
-        table[flag] = table[flag].astype(str) == "True"
-    table = table.sort_values(key, kind="stable", ignore_index=True)
-    check_table(table, str(path))
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return table
+    return replace_rows(path, read_table(path), rows, TABLE_COLUMNS, SITUATION_KEY, FLAG_COLUMNS, check_table)
