@@ -29,7 +29,8 @@ VARIANTS = {  # name: (gns.mode, gns.method, gns.ln_backend, gns.linear_backend)
     "off": ("off", "auto", "auto", "torch"),
     "ln_torch": ("ln", "auto", "torch", "torch"),
     "ln_triton": ("ln", "auto", "triton", "torch"),
-    "all": ("all", "simultaneous", "torch", "torch"),
+    "all": ("all", "simultaneous", "torch", "auto"),  # gns.linear_backend=auto: by shape (linear_backend.csv)
+    "all_torch_linear": ("all", "simultaneous", "torch", "torch"),
     "all_triton_linear": ("all", "simultaneous", "torch", "triton"),
 }
 KINDS = [  # (kind, regex on the kernel name), first match wins
