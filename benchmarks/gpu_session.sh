@@ -7,6 +7,9 @@
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# COMMIT=<hash>: the commit this copy of the tree was made from (a copy's git metadata may be stale), which every
+# result's provenance then names (gnsrepro.provenance.COMMIT_ENV)
+[ -n "${COMMIT:-}" ] && export GNSREPRO_COMMIT=$COMMIT
 OUT=${OUT:-outputs/gpu-session}   # small results only (the device tool brings back at most 8 files)
 RUNS=outputs/gpu-session           # run directories, checkpoints included, stay on the machine
 mkdir -p "$OUT" "$RUNS"

@@ -5,10 +5,15 @@ Imports nothing heavy, so the training side (meta.json) and the analysis side (R
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).parent
+# the commit a copied working tree was made from, where the copy's own git metadata does not match its files (a
+# machine the tree is copied to, as benchmarks/gpu_session.sh's COMMIT= sets it): code_version reports it, with
+# whether the files differ from it unknown
+COMMIT_ENV = "GNSREPRO_COMMIT"
 
 
 def git(*args: str, cwd: str | Path = PACKAGE_DIR) -> str | None:
@@ -27,7 +32,10 @@ NOT_CODE = ("docs",)
 
 def code_version(cwd: str | Path = PACKAGE_DIR) -> tuple[str | None, bool | None]:
     """(commit, dirty): the checkout's HEAD and whether tracked files outside NOT_CODE differ from it (None: not
-    known) of the checkout holding cwd. A commit names the code only when dirty is False."""
+    known) of the checkout holding cwd. A commit names the code only when dirty is False. With GNSREPRO_COMMIT set
+    (COMMIT_ENV): (that commit, None)."""
+    if os.environ.get(COMMIT_ENV, "").strip():
+        return os.environ[COMMIT_ENV].strip(), None
     commit = git("rev-parse", "HEAD", cwd=cwd) or None
     pathspec = [":(top)", *(f":(top,exclude){path}" for path in NOT_CODE)]  # from the checkout's root
     status = git("status", "--porcelain", "--untracked-files=no", "--", *pathspec, cwd=cwd) if commit else None

@@ -36,3 +36,12 @@ def test_dirty_counts_code_anywhere_in_the_checkout_but_not_docs(tmp_path):
 
 def test_outside_a_checkout_nothing_is_known(tmp_path):
     assert code_version(tmp_path) == (None, None)
+
+
+def test_a_copied_tree_names_the_commit_it_was_made_from(tmp_path, monkeypatch):
+    """GNSREPRO_COMMIT (gpu_session.sh's COMMIT=): that commit, whether the files differ from it unknown, in or out
+    of a checkout; unset or blank, git decides."""
+    monkeypatch.setenv("GNSREPRO_COMMIT", " 2af780f ")
+    assert code_version(tmp_path) == ("2af780f", None)
+    monkeypatch.setenv("GNSREPRO_COMMIT", " ")
+    assert code_version(tmp_path) == (None, None)
