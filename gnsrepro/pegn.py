@@ -565,9 +565,7 @@ def instrumented_layers(mode: str = "all", method: str = "auto", ln_backend: str
     if mode == "ln":
         return Layers(layer_norm=layer_norm)
     common = dict(method=method, chunk_size=chunk_size, chunk_bytes=chunk_bytes)
-
-    def backend(in_features: int, out_features: int, tied_head: bool) -> str:
-        return linear_backend(in_features, out_features, tied_head) if callable(linear_backend) else linear_backend
+    backend = linear_backend if callable(linear_backend) else lambda K, L, tied_head: linear_backend
 
     def linear(in_features: int, out_features: int, *args, **kwargs) -> PerExampleLinear:
         return PerExampleLinear(in_features, out_features, *args, **common, **kwargs,

@@ -82,10 +82,10 @@ def resolve_linear_backend(g: GNSConfig, device: torch.device, dtype: torch.dtyp
         return g.linear_backend
     if device.type != "cuda":
         return "torch"
-    from gnsrepro.kernels.linear_backend import choose_linear_backend
+    from gnsrepro.kernels.linear_backend import choose_linear_backend, read_table
 
-    name, dtype_name = torch.cuda.get_device_name(device), str(dtype).removeprefix("torch.")
-    return lambda K, L, tied_head: choose_linear_backend(name, dtype_name, K, L, tied_head)[0]
+    name, dtype_name, table = torch.cuda.get_device_name(device), str(dtype).removeprefix("torch."), read_table()
+    return lambda K, L, tied_head: choose_linear_backend(name, dtype_name, K, L, tied_head, table)[0]
 
 
 def linear_backends(model: torch.nn.Module) -> dict[str, str]:
