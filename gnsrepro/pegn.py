@@ -160,17 +160,18 @@ def _weight_grad_and_sqnorms(
     example's is computed in slices of its L rows, and the head's rows as the ghost branch gets them (_head_rows),
     so that a slice small enough for the GPU's L2 is read back from there. backend "triton"
     (method simultaneous): dW and |G_b|² from the Triton kernel, which never materialises G_b
-    (gnsrepro.kernels.per_example_grad), and the rows as the ghost branch gets them, Aᵀ x_b.
+    (gnsrepro.kernels.per_example_grad), and the head's rows copied out of the kernel's G_b tiles.
     """
     B, T, K = x.shape
     L = dy.shape[-1]
     acc = _acc_dtype(x)
     elem = torch.finfo(acc).bits // 8
     if _uses_triton_weight_grad(x, dy, method, backend):
-        from gnsrepro.kernels.per_example_grad import weight_grad_and_sqnorms
+        from gnsrepro.kernels.per_example_grad import weight_grad_and_sqnorms, weight_grad_sqnorms_and_rows
 
-        dW, sq = weight_grad_and_sqnorms(x, dy)
-        return dW, sq, (_head_rows(x, dy, ids, chunk_size, chunk_bytes) if ids is not None else None)
+        if ids is None:
+            return (*weight_grad_and_sqnorms(x, dy), None)
+        return weight_grad_sqnorms_and_rows(x, dy, ids)  # the rows copied out of the kernel's tiles: no gather
     simultaneous = method == "simultaneous"
     if simultaneous and chunk_size == 0 and L * K * elem > chunk_bytes:
         return _weight_grad_and_sqnorms_sliced(x, dy, ids, max(1, chunk_bytes // (K * elem)), chunk_bytes)

@@ -37,6 +37,7 @@ from gnsrepro.pegn import (
     PerExampleLinear,
     PerExampleNorms,
     PerExampleTiedEmbedding,
+    _head_rows,
     _weight_grad_and_sqnorms,
     instrumented_layers,
     per_example_sqnorms,
@@ -187,14 +188,20 @@ def test_kernel_rows_reject_bad_ids():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the calls of the kernel's entry point that pegn's dispatch makes."""
+    """Counts the calls of the kernel's entry points that pegn's dispatch makes: (dy's shape, whether it asked for
+    the tied head's rows)."""
     calls = []
 
     def counted(x, dy):
-        calls.append(tuple(dy.shape))
+        calls.append((tuple(dy.shape), False))
         return weight_grad_and_sqnorms(x, dy)
 
+    def counted_rows(x, dy, ids):
+        calls.append((tuple(dy.shape), True))
+        return weight_grad_sqnorms_and_rows(x, dy, ids)
+
     monkeypatch.setattr(PG, "weight_grad_and_sqnorms", counted)
+    monkeypatch.setattr(PG, "weight_grad_sqnorms_and_rows", counted_rows)
     return calls
 
 
@@ -210,7 +217,8 @@ def test_gpt_triton_backend_same_norms_as_torch(kernel_calls):
         "triton"}
     idx, targets = (t.to(DEV) for t in batch(3))
     got = per_example_sqnorms(model, idx, targets)
-    assert len(kernel_calls) == 2 * 4 + 1 and (3, 7, 64) in kernel_calls  # the head: dy (B, T, V)
+    assert len(kernel_calls) == 2 * 4 + 1
+    assert [c for c in kernel_calls if c[1]] == [((3, 7, 64), True)]  # the head, dy (B, T, V), its rows in the kernel
     want = per_example_sqnorms(ref_model, idx, targets)
     assert_norms(got, want, list(want), rtol=1e-5)
     for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
@@ -239,15 +247,16 @@ def test_gpt_triton_backend_bf16_autocast(kernel_calls):
 
 def test_compile_fullgraph_same_norms():
     """torch.compile(fullgraph=True) through AOTAutograd without codegen (aot_eager's graphs, run as traced):
-    no graph break, the backward graph calls the custom op once per Linear layer and once for the head (its fake
-    kernel traced), and the compiled norms equal the eager ones."""
+    no graph break, the backward graph calls the custom op once per Linear layer and the rows' op once for the head
+    (their fake kernels traced), and the compiled norms equal the eager ones."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     op_calls = []
 
     def run_as_traced(gm, example_inputs):
-        op_calls.append(gm.code.count("torch.ops.gnsrepro.weight_grad_and_sqnorms"))
+        op_calls.append((gm.code.count("torch.ops.gnsrepro.weight_grad_and_sqnorms."),
+                         gm.code.count("torch.ops.gnsrepro.weight_grad_sqnorms_and_rows.")))
         return make_boxed_func(gm.forward)
 
     _, model = twins(instrumented_layers("all", method="simultaneous", linear_backend="triton"), dtype=torch.float32)
@@ -257,7 +266,7 @@ def test_compile_fullgraph_same_norms():
     torch._dynamo.reset()
     backend = aot_autograd(fw_compiler=run_as_traced, bw_compiler=run_as_traced)
     got = per_example_sqnorms(torch.compile(model, backend=backend, fullgraph=True), idx, targets)
-    assert op_calls == [0, 2 * 4 + 1]  # forward graph, backward graph
+    assert op_calls == [(0, 0), (2 * 4, 1)]  # forward graph; backward graph: the Linear layers, the head
     assert_norms(got, eager, list(eager), rtol=1e-5)
 
 
@@ -325,7 +334,8 @@ def test_gpu_odd_shapes_match_float64(dtype, tiles, groups, monkeypatch):
 def test_gpu_kernel_rows_match_the_torch_path(B, T, K, V):
     """The compiled kernel's rows (and dW, |G_b|²) at the 20M head's bf16 shape and an odd one, against pegn's
     torch path, which gathers them from the materialised per-example gradients; prints the times of the rows
-    in the kernel and of the kernel plus pegn's gather of them; asserts nothing about them."""
+    in the kernel and of the kernel without them plus the rows gathered from dy (pegn._head_rows); asserts
+    nothing about the times."""
     x, dy = make(B, T, K, V, torch.bfloat16, seed=3)
     x, dy = x / K**0.5, dy / V**0.5
     ids = torch.randint(0, V, (B, T), device=DEV, generator=torch.Generator(DEV).manual_seed(4))
@@ -334,7 +344,7 @@ def test_gpu_kernel_rows_match_the_torch_path(B, T, K, V):
     assert rel(dW, want_dW) <= 1e-4 and rel(rows, want_rows) <= 1e-4
     torch.testing.assert_close(sq, want_sq, rtol=1e-4, atol=0)
     in_kernel = _time_ms(lambda: weight_grad_sqnorms_and_rows(x, dy, ids))
-    gathered = _time_ms(lambda: _weight_grad_and_sqnorms(x, dy, "simultaneous", 0, ids=ids, backend="triton"))
+    gathered = _time_ms(lambda: (weight_grad_and_sqnorms(x, dy), _head_rows(x, dy, ids, 0)))
     print(f"\nrows at ({B}, {T}, {K}) -> {V}: in the kernel {in_kernel:.3f} ms, kernel + gather {gathered:.3f} ms")
 
 
