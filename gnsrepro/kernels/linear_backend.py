@@ -20,8 +20,9 @@ Columns of linear_backend.csv (TABLE_COLUMNS):
   seq_len       T
   in_features   K, the layer's input width
   out_features  L, its output width (the vocabulary for the tied head)
-  tied_head     True where the timings include the head's rows at the example's ids (pegn._head_rows), as the
-                tied head computes them; False for a plain Linear layer
+  tied_head     True where the timings include the head's rows at the example's ids, as the tied head computes
+                them (torch: gathered from the per-example gradients; triton: copied out of the kernel's tiles);
+                False for a plain Linear layer
   torch_ms      median time of the torch path (dW, |G_b|² and, for the head, its rows), replayed from a CUDA graph
   triton_ms     the same with the kernel at the tiles below
   faster        "torch" or "triton": the smaller time (torch on a tie)
