@@ -10,9 +10,9 @@ the training step is (gnsrepro.benchmarks.layernorm's capture and time_us):
   triton   the kernel (gnsrepro.kernels.per_example_grad) at every candidate tile of `candidates` whose result
            matches the torch path's (dW, |G_b|² and the head's rows to 1e-3); for the head, the kernel that copies
            the rows out of its tiles (weight_grad_sqnorms_and_rows), as pegn runs it
-and prints each. --record writes one row per shape into gnsrepro/kernels/linear_backend.csv (the faster
-backend and the fastest tiles): the measurements gns.linear_backend=auto and the kernel's launcher read
-(gnsrepro.kernels.linear_backend).
+and prints each. --record writes one row per tied head into gnsrepro/kernels/linear_backend.csv (the faster
+backend and the fastest tiles; --layers' shapes are printed, not recorded): the measurements
+gns.linear_backend=auto and the kernel's launcher read (gnsrepro.kernels.linear_backend).
 """
 
 from __future__ import annotations
@@ -145,7 +145,10 @@ def main() -> None:
             row = tune_shape(a.micro, T, K, L, tied, f"{name} {'head' if tied else 'linear'}")
             rows.append({"device": device, "dtype": "bfloat16", **row, "date": day, "commit": a.commit,
                          "command": command})
-            if a.record:  # each shape as it is done, so a call cut short keeps the shapes finished
+            # each shape as it is done, so a call cut short keeps the shapes finished; the tied heads only: the small
+            # Linear layers' kernel, faster alone, made the whole compiled step slower (docs/benchmarks.md, "The
+            # per-shape Linear backend"), so their rows would mislead auto
+            if a.record and tied:
                 from gnsrepro.kernels.linear_backend import record_linear_backend
 
                 record_linear_backend([rows[-1]])

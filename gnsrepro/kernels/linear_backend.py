@@ -5,13 +5,14 @@ implementations: `torch`, which materialises each chunk of per-example gradients
 batched matmul and reads it back for |G_b|² and dW (gnsrepro.pegn._weight_grad_and_sqnorms), and `triton`, one
 kernel that keeps each G_b tile in registers (gnsrepro.kernels.per_example_grad). Which is faster depends on the
 shape: for the 50304-wide tied head the torch path writes 824 MB a micro-batch of 16 at 20M and reads it twice,
-which the kernel does not (on one H200, `benchmarks/head_pegn.py`: 1.46 against 1.88 ms at 20M, 6.89 against
-9.44 ms at 111M); for the small Linear layers of a small model it is the other way round (the whole compiled,
-graphed 20M step took 10.68 ms with every layer on the kernel, 10.25 ms with none). So auto reads the choice
-from measurements: linear_backend.csv beside this module, one row per shape, written by the tuning tool
-`python -m benchmarks.tuning.per_example_grad --record`, which also sweeps the kernel's tiles for the shape and
-records the fastest. A shape with no row on this GPU (or its family) takes torch, the package's path before the
-kernel existed; the kernel's tiles then come from its heuristic (per_example_grad._tiles).
+which the kernel does not (on one H200, replayed from a CUDA graph: 1.07 against 1.87 ms at 20M, 5.57 against
+9.34 ms at 111M, docs/benchmarks.md); for the small Linear layers of a small model the kernel is faster alone but
+the whole compiled step is slower with it (20M: 1.170x gns=off's step with every layer on it, 1.141x with none).
+So auto reads the choice from measurements: linear_backend.csv beside this module, one row per shape, written by
+the tuning tool `python -m benchmarks.tuning.per_example_grad --record`, which also sweeps the kernel's tiles for
+the shape and records the fastest (the tied heads only: the small layers' isolated times mislead, as above). A
+shape with no row on this GPU (or its family) takes torch, the package's path before the kernel existed;
+the kernel's tiles then come from its heuristic (per_example_grad._tiles).
 
 Columns of linear_backend.csv (TABLE_COLUMNS):
   device        torch.cuda.get_device_name() of the GPU measured on, e.g. "NVIDIA H200"
