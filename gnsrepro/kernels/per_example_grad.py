@@ -39,16 +39,17 @@ Counts, for n_L = ⌈L / BLOCK_L⌉ and n_K = ⌈K / BLOCK_K⌉ tiles and e byte
 
 Rows (``weight_grad_sqnorms_and_rows``, the tied head): the tied embedding's cross term needs rows[b, t] =
 G_b[ids[b, t]], the rows of example b's head gradient at its own token ids. The PyTorch path gathers them from
-its materialised G; without G, pegn gathers a (T, T) slice of dy per example (pegn._head_rows: 0.42 ms at 20M's
-micro-batch of 16 on an H200, a third of the kernel's own time). Here each program, after an example's G_b tile
-is complete in registers, copies out the rows of the ids that fall in its L-tile: the host side sorts each
-example's ids and finds where each L-tile's begin (torch.sort, torch.searchsorted, on the device, no sync), and
-the program, where its segment is not empty, stores the finished tile to its own slot of a scratch buffer and
-reads each row back from there by its index (a Triton program cannot index its registers by a runtime value; a
-masked sum over BLOCK_L a row instead measured 0.3 ms at the 20M head and 0.5 ms at 40M's on an H200, more than
-the gather). The slot is rewritten once per example, so it stays in L2: the buffer (L · K fp32 per example
-group) reaches HBM about once, where the PyTorch path writes all B of the per-example gradients. Every (b, t)
-falls in one L-tile, so each row is written once per K-tile, without atomics.
+its materialised G; without G they can be gathered as Aᵀ x_b from a (T, T) slice of dy per example
+(pegn._head_rows, the ghost method's way: 0.38 ms at 20M's micro-batch of 16 on an H200, half the kernel's own
+time). Here each program, after an example's G_b tile is complete in registers, copies out the rows of the ids
+that fall in its L-tile: the host side sorts each example's ids and finds where each L-tile's begin (torch.sort,
+torch.searchsorted, on the device, no sync), and the program, where its segment is not empty, stores the
+finished tile to its own slot of a scratch buffer and reads each row back from there by its index (a Triton
+program cannot index its registers by a runtime value; a masked sum over BLOCK_L a row instead cost 0.30 ms at
+the 20M head and 0.52 ms at 40M's on an H200, against the slot's 0.30 and 0.45, and 0.67 ms at 111M's against a
+1.41 ms gather). Each slot is rewritten once per example, so it can stay in L2 while its program runs; the
+buffer is L · K fp32 per example group, one example's worth, where the PyTorch path writes all B of the
+per-example gradients. Every (b, t) falls in one L-tile, so each row is written once per K-tile, without atomics.
 
 Precision: fp32 accumulation of exact products for bf16/fp16 inputs, as the PyTorch path's fp32-output
 matmul; fp32 inputs use TF32 when torch.backends.cuda.matmul.allow_tf32 is set (as torch's own fp32
