@@ -97,7 +97,7 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
     profile)   # where a compiled step's time goes (SITUATIONS=MODEL:SEQ:MICRO:VARIANT,... GRAPHS=true: replayed from CUDA graphs)
                run python3 -m benchmarks.profile_step ${SITUATIONS:+--situations $SITUATIONS} ${EAGER:+--eager} \
                  $([ "${GRAPHS:-false}" = true ] && echo --cuda-graphs) \
-                 --out $OUT/profile.csv ;;
+                 --out $OUT/profile.csv --kernels-out $OUT/profile_kernels.csv ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done

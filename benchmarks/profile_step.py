@@ -115,8 +115,11 @@ def profile(model: str, seq_len: int, micro: int, variant: str, steps: int, comp
     print("  heaviest kernels (ms/step, launches/step):")
     for name, r in by_name.head(20).iterrows():
         print(f"    {r['sum'] / 1e3:7.3f} {r['count'] / steps:5.0f}  {name[:110]}")
+    kernels = by_name.reset_index().rename(columns={"sum": "us", "count": "launches"})
+    kernels["launches"] /= steps
+    kernels.insert(0, "situation", f"{model}:{seq_len}:{micro}:{variant}")
     return {"model": model, "seq_len": seq_len, "micro": micro, "variant": variant, "compile": compile,
-            "graphs": graphs, "step_ms": step_ms, "kernel_ms": busy_ms}
+            "graphs": graphs, "step_ms": step_ms, "kernel_ms": busy_ms}, kernels
 
 
 def main() -> None:
@@ -128,12 +131,17 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cuda-graphs", action="store_true", help="replay each step from a CUDA graph")
     ap.add_argument("--out", default=None, help="CSV of the step and kernel times")
+    ap.add_argument("--kernels-out", default=None,
+                    help="CSV of every kernel's device time (us a step) and launches a step, per situation: to diff "
+                         "two variants kernel by kernel")
     a = ap.parse_args()
-    results = []
+    results, kernels = [], []
     for s in a.situations.split(","):
         model, seq, micro, variant = s.split(":")
-        results.append(profile(model, int(seq), int(micro), variant, a.steps, not a.eager, torch.device(a.device),
-                               a.cuda_graphs))
+        result, per_kernel = profile(model, int(seq), int(micro), variant, a.steps, not a.eager,
+                                     torch.device(a.device), a.cuda_graphs)
+        results.append(result)
+        kernels.append(per_kernel)
         gc.collect()  # this situation's model and compiled graphs, before the next one
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -141,6 +149,8 @@ def main() -> None:
     print("\n" + table.to_string(index=False))
     if a.out:
         table.to_csv(a.out, index=False)
+    if a.kernels_out:
+        pd.concat(kernels).to_csv(a.kernels_out, index=False)
 
 
 if __name__ == "__main__":
