@@ -181,8 +181,9 @@ def _weight_grad_and_sqnorms(
         xc, dyc = x[s : s + c], dy[s : s + c]
         if simultaneous:
             G = _matmul_acc(dyc.transpose(1, 2), xc, acc)  # (c, L, K): per-example weight gradients
-            sq.append(G.square().sum((1, 2)))
-            dW = G.sum(0) if dW is None else dW + G.sum(0)
+            G_sum, G_sq = _sum_and_sqnorms(G)
+            sq.append(G_sq)
+            dW = G_sum if dW is None else dW + G_sum
             if ids is not None:
                 rows.append(G.gather(1, ids[s : s + c, :, None].expand(-1, -1, K)))  # (c, T, K)
         else:
@@ -194,6 +195,17 @@ def _weight_grad_and_sqnorms(
     if not simultaneous:
         dW = _matmul_acc(dy.reshape(-1, L).t(), x.reshape(-1, K), acc)
     return dW, torch.cat(sq), (torch.cat(rows) if ids is not None else None)
+
+
+def _sum_and_sqnorms(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_b G_b, |G_b|²) of per-example gradients G (c, L, K): on a CUDA GPU in fp32 one Triton kernel that reads G
+    once (gnsrepro.kernels.example_sums; G is the backward's largest tensor, and torch's two reductions, along
+    different axes, read it twice), elsewhere (CPU, float64) torch's reductions."""
+    if G.is_cuda and G.dtype == torch.float32:
+        from gnsrepro.kernels.example_sums import sum_and_sqnorms
+
+        return sum_and_sqnorms(G)
+    return G.sum(0), G.square().sum((1, 2))
 
 
 def _weight_grad_and_sqnorms_sliced(

@@ -6,7 +6,8 @@ For each model's tied head (and with --layers its four Linear shapes), bf16 inpu
 dy (B, T, L) at B = --micro and T = the model's block size, it times, each call replayed from a CUDA graph as
 the training step is (gnsrepro.benchmarks.layernorm's capture and time_us):
   torch    the PyTorch path, gns.linear_backend=torch (pegn._weight_grad_and_sqnorms; for the head its rows at
-           the example's ids gathered from the per-example gradients)
+           the example's ids gathered from the per-example gradients); for a Linear layer also the path with
+           torch's two reductions of G in place of gnsrepro.kernels.example_sums' one
   triton   the kernel (gnsrepro.kernels.per_example_grad) at every candidate tile of `candidates` whose result
            matches the torch path's (dW, |G_b|² and the head's rows to 1e-3); for the head, the kernel that copies
            the rows out of its tiles (weight_grad_sqnorms_and_rows), as pegn runs it
@@ -68,6 +69,13 @@ def _graphed_ms(fn) -> float:
     return time_us(capture(fn).replay, warmup=2, steps=20) / 1e3
 
 
+def _two_reads(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch path as it was before gnsrepro.kernels.example_sums: G materialised, then torch's two reductions
+    (along different axes, so each reads G), for one chunk of all B examples."""
+    G = torch.bmm(dy.transpose(1, 2), x, out_dtype=torch.float32)
+    return G.sum(0), G.square().sum((1, 2))
+
+
 def tune_shape(B: int, T: int, K: int, L: int, tied_head: bool, label: str) -> dict:
     """The torch path's time and the kernel's fastest matching tiles and time at this shape (module docstring)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -76,8 +84,10 @@ def tune_shape(B: int, T: int, K: int, L: int, tied_head: bool, label: str) -> d
     ids = torch.randint(0, L, (B, T), device="cuda", generator=gen) if tied_head else None
     torch_ms = _graphed_ms(lambda: _weight_grad_and_sqnorms(x, dy, "simultaneous", 0, ids=ids))
     ref = _weight_grad_and_sqnorms(x, dy, "simultaneous", 0, ids=ids)
-    print(f"{label}: B={B} T={T} K={K} L={L}{' (tied head)' if tied_head else ''} | torch {torch_ms:.3f} ms",
-          flush=True)
+    two_reads = "" if tied_head else (f" (G read twice, by torch's two reductions: "
+                                      f"{_graphed_ms(lambda: _two_reads(x, dy)):.3f} ms)")
+    print(f"{label}: B={B} T={T} K={K} L={L}{' (tied head)' if tied_head else ''} | torch {torch_ms:.3f} ms"
+          f"{two_reads}", flush=True)
     best = None
     for tiles in candidates(K, L):
         # what pegn runs: for the head, the kernel that also copies out its rows

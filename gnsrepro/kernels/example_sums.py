@@ -1,0 +1,119 @@
+"""The sum over examples and each example's squared norm of materialised per-example gradients, in one read.
+
+The simultaneous method's PyTorch path (gnsrepro.pegn._weight_grad_and_sqnorms, `gns.linear_backend=torch`)
+computes a chunk of per-example weight gradients G (c, L, K) in fp32 with one batched matmul, then needs two
+reductions of it: dW = Σ_b G_b over the examples and |G_b|² = Σ G_b² within each example. They run along
+different axes, so torch (and inductor) read G once for each: twice the bytes of G, on top of the matmul's write
+of it. G is the largest tensor of the step's backward (at 111M, micro-batch 16: 453 MB a transformer layer), so
+those reads were most of what gns=all added to the compiled step there (docs/benchmarks.md, "Where the step's
+time goes"). Here one kernel reads G once and writes both:
+
+- ``_sum_and_sqnorms_kernel``: G is viewed as (B, N), N = L·K. A program owns a block of BLOCK_N columns and
+  loads them for BLOCK_B examples at a time, a (BLOCK_B, BLOCK_N) tile, adding the tile's sum over examples
+  into its fp32 accumulator of dW and writing each example's Σ g² over its columns into a (B, n_programs) fp32
+  buffer of partials. torch sums the partials per example (a few hundred KB at most). No atomics: results are
+  the same run to run.
+- Bytes: 4·B·N read, 4·N written (dW), 8·B·n_programs for the partials; FLOPs 3·B·N. Memory-bound.
+
+torch.compile: ``sum_and_sqnorms`` is called inside autograd backward functions; under compile it goes through
+the ``gnsrepro::sum_and_sqnorms`` custom op (a fake kernel for tracing, no autograd formula), as
+gnsrepro.kernels.per_example_grad does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_B = 16  # examples per load: a chunk of a micro-batch of 16 is one tile
+MIN_BLOCK_N, MAX_BLOCK_N = 128, 1024
+
+
+@triton.jit
+def _sum_and_sqnorms_kernel(
+    G,  # (B, N) fp32 contiguous: per-example gradients, one row per example
+    DW,  # (N,) fp32: Σ_b G[b]
+    SQ,  # (B, N_PROGRAMS) fp32: Σ over this program's columns of G[b]², per example
+    B,
+    N,
+    N_PROGRAMS,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # 64-bit: B·N passes 2³¹ for a large chunk
+    nmask = offs_n < N
+    offs_b = tl.arange(0, BLOCK_B)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + offs_b
+        bmask = rows < B
+        g = tl.load(G + rows.to(tl.int64)[:, None] * N + offs_n[None, :], mask=bmask[:, None] & nmask[None, :],
+                    other=0.0)
+        acc += tl.sum(g, axis=0)
+        tl.store(SQ + rows * N_PROGRAMS + pid, tl.sum(g * g, axis=1), mask=bmask)
+    tl.store(DW + offs_n, acc, mask=nmask)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _block_n(N: int, device: torch.device) -> int:
+    """Columns per program: the largest power of two in [MIN_BLOCK_N, MAX_BLOCK_N] that still gives about four
+    programs per SM (a small model's layer, N = 256 · 768, is 196,608 columns: 384 programs of 512), so that
+    enough loads are in flight to fill the memory pipe."""
+    if device.type != "cuda":
+        return MIN_BLOCK_N
+    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    block = triton.next_power_of_2(max(1, N // target))
+    if block > N // target:
+        block //= 2
+    return max(MIN_BLOCK_N, min(MAX_BLOCK_N, block))
+
+
+def sum_and_sqnorms_launch(G: Tensor, block_n: int = 0) -> tuple[Tensor, Tensor]:
+    """(Σ_b G[b] (G.shape[1:]) fp32, |G[b]|² (B,) fp32) of G (B, ...) fp32 by the Triton kernel; block_n (0:
+    automatic, else a power of two >= 16) overrides the columns per program, for the tests."""
+    if G.dtype != torch.float32 or G.dim() < 2:
+        raise ValueError(f"G must be float32 (B, ...) with at least two dimensions; got {G.dtype} {tuple(G.shape)}")
+    B, N = G.shape[0], G.shape[1:].numel()
+    if B * N == 0:
+        return G.new_zeros(G.shape[1:]), G.new_zeros((B,))
+    G2 = G.reshape(B, N)
+    if not G2.is_contiguous():
+        G2 = G2.contiguous()
+    block = block_n or _block_n(N, G.device)
+    n_programs = triton.cdiv(N, block)
+    dw = torch.empty((N,), dtype=torch.float32, device=G.device)
+    partials = torch.empty((B, n_programs), dtype=torch.float32, device=G.device)
+    _sum_and_sqnorms_kernel[(n_programs,)](G2, dw, partials, B, N, n_programs, BLOCK_B=BLOCK_B, BLOCK_N=block,
+                                          num_warps=8 if block >= 512 else 4)
+    return dw.view(G.shape[1:]), partials.sum(1)
+
+
+@torch.library.custom_op("gnsrepro::sum_and_sqnorms", mutates_args=())
+def _sum_and_sqnorms_op(G: Tensor) -> tuple[Tensor, Tensor]:
+    return sum_and_sqnorms_launch(G)
+
+
+@_sum_and_sqnorms_op.register_fake
+def _(G):
+    return G.new_empty(G.shape[1:]), G.new_empty(G.shape[:1])
+
+
+def sum_and_sqnorms(G: Tensor) -> tuple[Tensor, Tensor]:
+    """(G.sum(0), G.square().sum over all but the first axis) of fp32 G (B, ...) on a CUDA GPU (or a CPU under
+    TRITON_INTERPRET=1), reading G once. Eager calls launch the kernel; under torch.compile the custom op
+    ``gnsrepro::sum_and_sqnorms`` is recorded instead."""
+    if torch.compiler.is_compiling():
+        return torch.ops.gnsrepro.sum_and_sqnorms(G)
+    return sum_and_sqnorms_launch(G)
+
+
+__all__ = ["sum_and_sqnorms", "sum_and_sqnorms_launch"]
