@@ -11,12 +11,13 @@ time goes"). Here one kernel reads G once and writes both:
 - ``_sum_and_sqnorms_kernel``: G is viewed as (B, N), N = L·K. A program owns a block of BLOCK_N columns and
   loads them for BLOCK_B examples at a time, a (BLOCK_B, BLOCK_N) tile, adding the tile's sum over examples
   into its fp32 accumulator of dW and writing each example's Σ g² over its columns into a (B, n_programs) fp32
-  buffer of partials. torch sums the partials per example (a few hundred KB at most). No atomics: results are
-  the same run to run.
+  buffer of partials. torch sums the partials per example (a few hundred KB at most; under torch.compile outside
+  the custom op, so that inductor fuses that sum into its neighbours). No atomics: results are the same run to
+  run.
 - Bytes: 4·B·N read, 4·N written (dW), 8·B·n_programs for the partials; FLOPs 3·B·N. Memory-bound.
 
 torch.compile: ``sum_and_sqnorms`` is called inside autograd backward functions; under compile it goes through
-the ``gnsrepro::sum_and_sqnorms`` custom op (a fake kernel for tracing, no autograd formula), as
+the ``gnsrepro::sum_and_sqnorm_partials`` custom op (a fake kernel for tracing, no autograd formula), as
 gnsrepro.kernels.per_example_grad does.
 """
 
@@ -77,43 +78,59 @@ def _block_n(N: int, device: torch.device) -> int:
     return max(MIN_BLOCK_N, min(MAX_BLOCK_N, block))
 
 
-def sum_and_sqnorms_launch(G: Tensor, block_n: int = 0) -> tuple[Tensor, Tensor]:
-    """(Σ_b G[b] (G.shape[1:]) fp32, |G[b]|² (B,) fp32) of G (B, ...) fp32 by the Triton kernel; block_n (0:
-    automatic, else a power of two >= 16) overrides the columns per program, for the tests."""
+def _n_programs(N: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    block = block_n or _block_n(N, device)
+    return block, triton.cdiv(N, block)
+
+
+def sum_and_partials_launch(G: Tensor, block_n: int = 0) -> tuple[Tensor, Tensor]:
+    """(Σ_b G[b] (G.shape[1:]) fp32, the (B, n_programs) fp32 partials of |G[b]|²) of G (B, ...) fp32 by the
+    Triton kernel. The partials' sum over programs is left to the caller: under torch.compile inductor fuses it
+    into the kernel that stacks the layer's norms, where a sum inside the custom op would be a launch of its own
+    (36 of them at 20M, 3-4 µs each on an H200). block_n (0: automatic, else a power of two >= 16) overrides the
+    columns per program, for the tests."""
     if G.dtype != torch.float32 or G.dim() < 2:
         raise ValueError(f"G must be float32 (B, ...) with at least two dimensions; got {G.dtype} {tuple(G.shape)}")
     B, N = G.shape[0], G.shape[1:].numel()
+    block, n_programs = _n_programs(N, block_n, G.device)
     if B * N == 0:
-        return G.new_zeros(G.shape[1:]), G.new_zeros((B,))
+        return G.new_zeros(G.shape[1:]), G.new_zeros((B, n_programs))
     G2 = G.reshape(B, N)
     if not G2.is_contiguous():
         G2 = G2.contiguous()
-    block = block_n or _block_n(N, G.device)
-    n_programs = triton.cdiv(N, block)
     dw = torch.empty((N,), dtype=torch.float32, device=G.device)
     partials = torch.empty((B, n_programs), dtype=torch.float32, device=G.device)
     _sum_and_sqnorms_kernel[(n_programs,)](G2, dw, partials, B, N, n_programs, BLOCK_B=BLOCK_B, BLOCK_N=block,
                                           num_warps=8 if block >= 512 else 4)
-    return dw.view(G.shape[1:]), partials.sum(1)
+    return dw.view(G.shape[1:]), partials
 
 
-@torch.library.custom_op("gnsrepro::sum_and_sqnorms", mutates_args=())
-def _sum_and_sqnorms_op(G: Tensor) -> tuple[Tensor, Tensor]:
-    return sum_and_sqnorms_launch(G)
+def sum_and_sqnorms_launch(G: Tensor, block_n: int = 0) -> tuple[Tensor, Tensor]:
+    """(Σ_b G[b] (G.shape[1:]) fp32, |G[b]|² (B,) fp32) of G (B, ...) fp32 by the Triton kernel (sum_and_partials_launch
+    and the partials' sum)."""
+    dw, partials = sum_and_partials_launch(G, block_n)
+    return dw, partials.sum(1)
 
 
-@_sum_and_sqnorms_op.register_fake
+@torch.library.custom_op("gnsrepro::sum_and_sqnorm_partials", mutates_args=())
+def _sum_and_partials_op(G: Tensor) -> tuple[Tensor, Tensor]:
+    return sum_and_partials_launch(G)
+
+
+@_sum_and_partials_op.register_fake
 def _(G):
-    return G.new_empty(G.shape[1:]), G.new_empty(G.shape[:1])
+    _, n_programs = _n_programs(G.shape[1:].numel(), 0, G.device)
+    return G.new_empty(G.shape[1:]), G.new_empty((G.shape[0], n_programs))
 
 
 def sum_and_sqnorms(G: Tensor) -> tuple[Tensor, Tensor]:
     """(G.sum(0), G.square().sum over all but the first axis) of fp32 G (B, ...) on a CUDA GPU (or a CPU under
     TRITON_INTERPRET=1), reading G once. Eager calls launch the kernel; under torch.compile the custom op
-    ``gnsrepro::sum_and_sqnorms`` is recorded instead."""
+    ``gnsrepro::sum_and_sqnorm_partials`` is recorded instead, and the partials' sum beside it."""
     if torch.compiler.is_compiling():
-        return torch.ops.gnsrepro.sum_and_sqnorms(G)
+        dw, partials = torch.ops.gnsrepro.sum_and_sqnorm_partials(G)
+        return dw, partials.sum(1)
     return sum_and_sqnorms_launch(G)
 
 
-__all__ = ["sum_and_sqnorms", "sum_and_sqnorms_launch"]
+__all__ = ["sum_and_partials_launch", "sum_and_sqnorms", "sum_and_sqnorms_launch"]
