@@ -4,9 +4,9 @@ The simultaneous method's PyTorch path (gnsrepro.pegn._weight_grad_and_sqnorms, 
 computes a chunk of per-example weight gradients G (c, L, K) in fp32 with one batched matmul, then needs two
 reductions of it: dW = Σ_b G_b over the examples and |G_b|² = Σ G_b² within each example. They run along
 different axes, so torch (and inductor) read G once for each: twice the bytes of G, on top of the matmul's write
-of it. G is the largest tensor of the step's backward (at 111M, micro-batch 16: 453 MB a transformer layer), so
-those reads were most of what gns=all added to the compiled step there (docs/benchmarks.md, "Where the step's
-time goes"). Here one kernel reads G once and writes both:
+of it. G is the largest tensor of the step's backward (at 111M, micro-batch 16: 453 MB a transformer layer).
+Here one kernel reads G once and writes both; in the whole compiled, graphed step on one H200 gns=all went from
+1.105x to 1.041x gns=off's at 111M and from 1.125x to 1.102x at 20M (docs/benchmarks.md, "The overhead table"):
 
 - ``_sum_and_sqnorms_kernel``: G is viewed as (B, N), N = L·K. A program owns a block of BLOCK_N columns and
   loads them for BLOCK_B examples at a time, a (BLOCK_B, BLOCK_N) tile, adding the tile's sum over examples
