@@ -76,6 +76,14 @@ def _two_reads(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return G.sum(0), G.square().sum((1, 2))
 
 
+def _head_rows_sorted(x: torch.Tensor, dy: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """pegn._head_rows with each example's ids in ascending order (a gather whose neighbouring reads are close in
+    memory), the rows put back in the examples' order after."""
+    ids_sorted, order = ids.sort(dim=1)
+    rows_sorted = _head_rows(x, dy, ids_sorted, 0)
+    return torch.empty_like(rows_sorted).scatter_(1, order[..., None].expand_as(rows_sorted), rows_sorted)
+
+
 def tune_shape(B: int, T: int, K: int, L: int, tied_head: bool, label: str) -> dict:
     """The torch path's time and the kernel's fastest matching tiles and time at this shape (module docstring)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -110,8 +118,9 @@ def tune_shape(B: int, T: int, K: int, L: int, tied_head: bool, label: str) -> d
     if tied_head:  # what the rows copied out of the tiles save: the kernel without them, the rows gathered from dy
         without = _graphed_ms(functools.partial(weight_grad_and_sqnorms_launch, x, dy, tiles=tiles))
         gather = _graphed_ms(lambda: _head_rows(x, dy, ids, 0))
-        print(f"  the kernel without the rows {without:.3f} ms, the rows gathered from dy {gather:.3f} ms",
-              flush=True)
+        sorted_gather = _graphed_ms(lambda: _head_rows_sorted(x, dy, ids))
+        print(f"  the kernel without the rows {without:.3f} ms, the rows gathered from dy {gather:.3f} ms "
+              f"(at each example's ids sorted: {sorted_gather:.3f} ms)", flush=True)
     return {"batch": B, "seq_len": T, "in_features": K, "out_features": L, "tied_head": tied_head,
             "torch_ms": round(torch_ms, 3), "triton_ms": round(triton_ms, 3),
             "faster": faster_backend(round(torch_ms, 3), round(triton_ms, 3)), "block_l": tiles.block_l,
