@@ -540,6 +540,9 @@ def test_the_committed_table_loads_and_every_row_is_well_formed():
     # torch 9.04 ms at micro-batch 16; at 40M (448) torch 12.83 against triton 12.92 ms
     assert L.choose_ln_backend("NVIDIA H200", True, 256, 16, cuda_graphs=True)[0] == "triton"
     assert L.choose_ln_backend("NVIDIA H200", True, 448, 16, cuda_graphs=True)[0] == "torch"
-    graphed = df[df.cuda_graphs]
-    assert len(graphed) >= 2 and graphed.compile.all() and {256, 448, 576, 768} <= set(graphed.n_embd)
+    graphed = df[df.cuda_graphs & df.compile]
+    assert len(graphed) >= 2 and {256, 448, 576, 768} <= set(graphed.n_embd)
     assert ((graphed.torch_ms - graphed.triton_ms).abs() <= 0.03 * graphed.torch_ms).all()
+    # eager and graphed (train's default for compile=false on one GPU), 2026-12-03: at 20M the fused kernel beats the
+    # unfused PyTorch ops by far (10.09 against 14.51 ms at micro-batch 16)
+    assert L.choose_ln_backend("NVIDIA H200", False, 256, 16, cuda_graphs=True)[0] == "triton"
