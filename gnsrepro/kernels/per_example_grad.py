@@ -10,10 +10,16 @@ reads it back twice, for the squares and for the sum over b. Here no G_b leaves 
 - ``_weight_grad_sqnorms_kernel``: a program per (L-tile, K-tile) of W (and per group of examples, below)
   loops over its examples b; for each it computes the tile of G_b, acc_b = dy[b, :, Ltile]ᵀ · x[b, :, Ktile],
   by tl.dot over T in blocks of BLOCK_T (fp32 accumulation, whatever the input dtype), adds acc_b into the
-  tile's dW accumulator (fp32 registers) and writes Σ acc_b² (the tile's share of |G_b|²) into a
-  (B, n_tiles) fp32 buffer of partials. dW's tile is written once, at the end.
-- The partials are summed per example by torch's sum over the tile axis (a (B, n_tiles) tensor: a few KB).
-  No atomics anywhere, so results are the same run to run.
+  tile's dW accumulator (fp32 registers) and writes the square sums of acc_b's rows (the tile's share of
+  |G_b|², BLOCK_L values) into a (B, n_tiles · BLOCK_L) fp32 buffer of partials. dW's tile is written once,
+  at the end.
+- The partials are summed per example by torch's sum (a (B, n_tiles · BLOCK_L) tensor: 6 MB for the 40M head at
+  micro-batch 16). Per row rather than per tile: the sum along a row of the accumulator stays within a warp
+  (Hopper's warpgroup MMA gives each warp whole rows), while summing the tile's rows too makes the warps meet
+  through shared memory once per example; on an H200 the per-row partials took the head kernel from 0.946 to
+  0.900 ms at 20M, 1.863 to 1.676 ms at 40M and 5.026 to 4.360 ms at 111M (micro-batch 16, the rows below
+  included, the two timed one after the other; docs/benchmarks.md). No atomics anywhere, so results are the same
+  run to run.
 
 Tile sizes: those the tuning sweep recorded for the shape, dtype and GPU (gnsrepro/kernels/linear_backend.csv,
 ``python -m benchmarks.tuning.per_example_grad --record``), else a heuristic (``_tiles``): for K ≤ 256 one
@@ -33,7 +39,7 @@ Counts, for n_L = ⌈L / BLOCK_L⌉ and n_K = ⌈K / BLOCK_K⌉ tiles and e byte
   plus 3·B·K·L for the squares, their sum and the sum over b (in registers), independent of T.
 - Bytes: dy read once per K-tile, n_K·B·T·L·e; x read once per L-tile, n_L·B·T·K·e (from L2, mostly: x is
   the small input); dW written once, 4·L·K (S·4·L·K written and read back with S > 1); the partials
-  4·B·n_L·n_K written and read. The PyTorch path writes G, 4·B·L·K, and reads it twice, on top of
+  4·B·n_L·n_K·BLOCK_L written and read. The PyTorch path writes G, 4·B·L·K, and reads it twice, on top of
   reading dy and x: for the head at micro-batch 16 (L = 50304, K = 256) 824 MB written and 1.65 GB read
   that this kernel does not move.
 
@@ -41,15 +47,20 @@ Rows (``weight_grad_sqnorms_and_rows``, the tied head): the tied embedding's cro
 G_b[ids[b, t]], the rows of example b's head gradient at its own token ids. The PyTorch path gathers them from
 its materialised G; without G they can be gathered as Aᵀ x_b from a (T, T) slice of dy per example
 (pegn._head_rows, the ghost method's way: 0.38 ms at 20M's micro-batch of 16 on an H200, half the kernel's own
-time). Here each program, after an example's G_b tile is complete in registers, copies out the rows of the ids
-that fall in its L-tile: the host side sorts each example's ids and finds where each L-tile's begin (torch.sort,
-torch.searchsorted, on the device, no sync), and the program, where its segment is not empty, stores the
-finished tile to its own slot of a scratch buffer and reads each row back from there by its index (a Triton
-program cannot index its registers by a runtime value; a masked sum over BLOCK_L a row instead cost 0.30 ms at
-the 20M head and 0.52 ms at 40M's on an H200, against the slot's 0.30 and 0.45, and 0.67 ms at 111M's against a
-1.41 ms gather). Each slot is rewritten once per example, so it can stay in L2 while its program runs; the
-buffer is L · K fp32 per example group, one example's worth, where the PyTorch path writes all B of the
-per-example gradients. Every (b, t) falls in one L-tile, so each row is written once per K-tile, without atomics.
+time). Here each program, after an example's G_b tile is complete in registers, stores the rows of the ids
+that fall in its L-tile straight from its registers (a Triton program cannot index its registers by a runtime
+value, but a store can scatter whole rows by a vector of row offsets, masked): the host side numbers the
+(example, id) pairs that occur, present[b, i] = 1 where id i occurs in example b and INDEX[b, i] = the pair's rank
+among all of them (a scatter and a cumsum over the (B, L) table, on the device, no sync), and each program loads
+its tile's BLOCK_L entries of INDEX for example b and stores row r of the tile to row INDEX[b, r] of a (B·T, K)
+buffer where that is not -1, skipping the example when none of its ids falls in the tile (ANY, the table's
+maximum per tile). rows[b, t] is then read back from row INDEX[b, ids[b, t]] (one gather). Each pair's row is
+written once per K-tile, by the one program whose L-tile holds it: no atomics, and a repeated id's row written
+once, not once per occurrence. Before this the program stored the whole finished tile to a per-program scratch
+slot and read the rows back from it (the slots, 100 MB at 40M's micro-batch of 16, spilled out of L2): on an
+H200 the rows cost 0.30/0.45/0.67 ms over the kernel without them at the 20M/40M/111M heads; here 0.11 and
+0.15 ms at 20M and 40M and, at 111M, less than the timing's noise; pegn._head_rows' gather takes 0.42/0.44/1.51 ms
+(docs/benchmarks.md).
 
 Precision: fp32 accumulation of exact products for bf16/fp16 inputs, as the PyTorch path's fp32-output
 matmul; fp32 inputs use TF32 when torch.backends.cuda.matmul.allow_tf32 is set (as torch's own fp32
@@ -81,12 +92,10 @@ def _weight_grad_sqnorms_kernel(
     X,  # (B, T, K) input, any strides; fp32 | bf16 | fp16
     DY,  # (B, T, L) incoming gradient, any strides; X's dtype
     DW,  # (S, L, K) fp32 contiguous: the weight gradient (S = 1) or one partial per group of examples
-    SQ,  # (B, N_TILES) fp32 contiguous: Σ over the tile of G_b², per example and tile
-    ROWS,  # (B, T, K) fp32 contiguous, HAS_ROWS: rows[b, t] = G_b[ids[b, t]] (the tied head's)
-    IDS_SORTED,  # (B, T) contiguous, HAS_ROWS: each example's ids in ascending order
-    POS_SORTED,  # (B, T) contiguous, HAS_ROWS: the position t of each sorted id
-    SEG,  # (B, N_L_TILES + 1) contiguous, HAS_ROWS: sorted entries [SEG[b, j], SEG[b, j + 1]) fall in L-tile j
-    SCRATCH,  # (S · N_TILES, BLOCK_L, BLOCK_K) fp32, HAS_ROWS: one tile slot per program, the rows read back from it
+    SQ,  # (B, N_TILES, BLOCK_L) fp32 contiguous: Σ over each row of the tile of G_b², per example, tile and row
+    ROWS,  # (U, K) fp32 contiguous, HAS_ROWS: ROWS[INDEX[b, i]] = G_b[i] for each (example, id) pair present
+    INDEX,  # (B, N_L_TILES · BLOCK_L) int32 contiguous, HAS_ROWS: ROWS' row of (b, i) if id i occurs in b, else -1
+    ANY,  # (B, N_L_TILES) int32 contiguous, HAS_ROWS: whether any of example b's ids falls in L-tile j
     B,
     T,
     K,
@@ -122,8 +131,8 @@ def _weight_grad_sqnorms_kernel(
     # pointers advance by the strides (64-bit pointer arithmetic), so B·T·L past 2³¹ elements is fine
     x_base = X + b_lo.to(tl.int64) * stride_xb
     dy_base = DY + b_lo.to(tl.int64) * stride_yb
+    index_base = INDEX + b_lo.to(tl.int64) * (N_L_TILES * BLOCK_L)
     dw_acc = tl.zeros((BLOCK_L, BLOCK_K), dtype=tl.float32)
-    slot = SCRATCH + (group * N_TILES + pid).to(tl.int64) * (BLOCK_L * BLOCK_K)
     for b in range(b_lo, b_hi):
         acc = tl.zeros((BLOCK_L, BLOCK_K), dtype=tl.float32)  # this tile of G_b = dy_bᵀ x_b
         dy_ptrs = dy_base + offs_l[:, None] * stride_yl + offs_t[None, :] * stride_yt  # (BLOCK_L, BLOCK_T): dyᵀ
@@ -139,23 +148,18 @@ def _weight_grad_sqnorms_kernel(
             dy_ptrs += BLOCK_T * stride_yt
             x_ptrs += BLOCK_T * stride_xt
         dw_acc += acc
-        # masked rows and columns of acc are exact zeros: they add nothing to the square sum
-        tl.store(SQ + b * N_TILES + pid, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
-        if HAS_ROWS:  # the ids of example b that fall in this L-tile: copy their rows of the G_b tile out
-            seg = SEG + b * (N_L_TILES + 1) + pid_l
-            lo = tl.load(seg)
-            hi = tl.load(seg + 1)
-            if hi > lo:
-                tl.debug_barrier()  # every thread has read the previous example's tile from the slot
-                tl.store(slot + tl.arange(0, BLOCK_L)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :], acc)
-                tl.debug_barrier()  # the whole tile is in the slot before any thread reads a row of it
-                for i in range(lo, hi):
-                    r = tl.load(IDS_SORTED + b * T + i) - pid_l * BLOCK_L
-                    t = tl.load(POS_SORTED + b * T + i)
-                    row = tl.load(slot + r * BLOCK_K + tl.arange(0, BLOCK_K))
-                    tl.store(ROWS + (t.to(tl.int64) + b * T) * K + offs_k, row, mask=kmask)  # 64-bit: B·T·K > 2³¹
+        # masked rows and columns of acc are exact zeros: they add nothing to the square sums. Per row, not per tile:
+        # the sum along K stays within each warp; across the tile's rows it would need the warps to meet (module
+        # docstring)
+        tl.store(SQ + (b * N_TILES + pid) * BLOCK_L + tl.arange(0, BLOCK_L), tl.sum(acc * acc, axis=1))
+        if HAS_ROWS:  # the rows of G_b at the ids of example b that fall in this L-tile, stored where INDEX says
+            if tl.load(ANY + b * N_L_TILES + pid_l) != 0:
+                index = tl.load(index_base + offs_l)
+                tl.store(ROWS + index.to(tl.int64)[:, None] * K + offs_k[None, :], acc,
+                         mask=(index >= 0)[:, None] & kmask[None, :])
         x_base += stride_xb
         dy_base += stride_yb
+        index_base += N_L_TILES * BLOCK_L
     dw_ptrs = DW + group.to(tl.int64) * L * K + offs_l[:, None] * K + offs_k[None, :]
     tl.store(dw_ptrs, dw_acc, mask=lmask[:, None] & kmask[None, :])
 
@@ -271,23 +275,26 @@ def _launch(x: Tensor, dy: Tensor, ids: Optional[Tensor], tiles: Optional[Tiles]
     per_group = triton.cdiv(B, min(groups, B))
     groups = triton.cdiv(B, per_group)  # no empty group
     dw = torch.empty((groups, L, K), dtype=torch.float32, device=x.device)
-    partials = torch.empty((B, n_tiles), dtype=torch.float32, device=x.device)
-    rows = ids_sorted = pos_sorted = seg = scratch = None
+    partials = torch.empty((B, n_tiles * cfg.block_l), dtype=torch.float32, device=x.device)
+    rows = unique_rows = index = any_in_tile = None
     if ids is not None:
-        # each example's ids sorted, and where each L-tile's ids begin in that order: a program copies out the rows
-        # of its own tile only (no sync: the segment bounds stay on the device)
-        ids_sorted, pos_sorted = ids.reshape(B, T).sort(dim=1)
-        bounds = torch.arange(n_l + 1, device=ids.device, dtype=ids_sorted.dtype) * cfg.block_l
-        seg = torch.searchsorted(ids_sorted, bounds.expand(B, -1).contiguous())
-        rows = torch.empty((B, T, K), dtype=torch.float32, device=x.device)
-        scratch = torch.empty((groups * n_tiles, cfg.block_l, cfg.block_k), dtype=torch.float32, device=x.device)
+        # number the (example, id) pairs that occur: present[b, i] = 1 where id i occurs in example b, index = the
+        # pair's rank among all pairs (a cumsum over the flattened (B, L)), -1 elsewhere; the kernel stores the row of
+        # G_b at id i to that rank, and rows[b, t] is read back from it (no sync: U stays at its bound B·T)
+        ids2 = ids.reshape(B, T).long()
+        present = torch.zeros((B, n_l * cfg.block_l), dtype=torch.int32, device=x.device).scatter_(1, ids2, 1)
+        index = present.view(-1).cumsum(0, dtype=torch.int32).view(B, -1) * present - 1
+        any_in_tile = present.view(B, n_l, cfg.block_l).amax(2)
+        unique_rows = torch.empty((B * T, K), dtype=torch.float32, device=x.device)
     _weight_grad_sqnorms_kernel[(n_tiles, groups)](
-        x, dy, dw, partials, *((rows, ids_sorted, pos_sorted, seg, scratch) if ids is not None else (dw,) * 5),
+        x, dy, dw, partials, *((unique_rows, index, any_in_tile) if ids is not None else (dw,) * 3),
         B, T, K, L, *x.stride(), *dy.stride(), per_group, n_tiles, n_k, n_l,
         BLOCK_L=cfg.block_l, BLOCK_K=cfg.block_k, BLOCK_T=cfg.block_t, INPUT_PRECISION=_input_precision(x),
         UPCAST=x.device.type == "cpu", HAS_ROWS=ids is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if ids is not None:
+        rows = unique_rows.index_select(0, index.gather(1, ids2).view(-1)).view(B, T, K)
     return (dw[0] if groups == 1 else dw.sum(0)), partials.sum(1), rows
 
 
