@@ -85,3 +85,33 @@ def test_gpu_sum_and_sqnorms_at_model_shapes(shape):
         dW, sq = fn(G)
         assert rel(dW, want_dW) < TOL
         assert torch.allclose(sq.double(), want_sq, rtol=TOL, atol=0)
+
+
+def test_launchers_size_grids_by_the_devices_own_sm_count(monkeypatch):
+    """gnsrepro.kernels.sm_count, which every launcher's grid uses: the indexed device's count, the current
+    device's for torch.device("cuda"), each asked of CUDA once (no GPU needed: the properties are faked)."""
+    import types
+
+    import gnsrepro.kernels as kernels
+    from gnsrepro.kernels.example_sums import MAX_BLOCK_N, MIN_BLOCK_N, _block_n
+
+    asked = []
+
+    def properties(index):
+        asked.append(index)
+        return types.SimpleNamespace(multi_processor_count={0: 132, 1: 78}[index])
+
+    kernels._sm_count.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    try:
+        assert kernels.sm_count(torch.device("cuda", 0)) == 132
+        assert kernels.sm_count(torch.device("cuda")) == 78
+        assert kernels.sm_count(torch.device("cuda", 1)) == 78
+        assert asked == [0, 1]
+        # about four programs per SM: 132 SMs and 196,608 columns give blocks of 256 (768 programs)
+        n = 256 * 768
+        assert _block_n(n, torch.device("cuda", 0)) == 256
+        assert MIN_BLOCK_N <= _block_n(n, torch.device("cuda")) <= MAX_BLOCK_N
+    finally:
+        kernels._sm_count.cache_clear()

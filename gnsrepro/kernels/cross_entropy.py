@@ -75,6 +75,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from gnsrepro.kernels import sm_count
+
 # Triton decides at definition time whether its kernels run in the CPU interpreter (tests/conftest.py sets
 # the variable before this module is imported); CPU tensors can use the kernels only then.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -276,7 +278,7 @@ PROGRAMS_PER_SM: int | None = None
 def _programs(device: torch.device) -> int:
     if device.type != "cuda" or PROGRAMS_PER_SM is None:
         return 1 << 62  # min(N, this): a program per row
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return PROGRAMS_PER_SM * sm_count(device)
 
 
 def _check(logits: Tensor, targets: Tensor) -> None:

@@ -23,12 +23,12 @@ gnsrepro.kernels.per_example_grad does.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from gnsrepro.kernels import sm_count
 
 BLOCK_B = 16  # examples per load: a chunk of a micro-batch of 16 is one tile
 MIN_BLOCK_N, MAX_BLOCK_N = 128, 1024
@@ -60,18 +60,13 @@ def _sum_and_sqnorms_kernel(
     tl.store(DW + offs_n, acc, mask=nmask)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _block_n(N: int, device: torch.device) -> int:
     """Columns per program: the largest power of two in [MIN_BLOCK_N, MAX_BLOCK_N] that still gives about four
-    programs per SM (a small model's layer, N = 256 · 768, is 196,608 columns: 384 programs of 512), so that
-    enough loads are in flight to fill the memory pipe."""
+    programs per SM (a small model's layer, N = 256 · 768, is 196,608 columns: 768 programs of 256 on an H200's 132
+    SMs), so that enough loads are in flight to fill the memory pipe."""
     if device.type != "cuda":
         return MIN_BLOCK_N
-    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = 4 * sm_count(device)
     block = triton.next_power_of_2(max(1, N // target))
     if block > N // target:
         block //= 2

@@ -79,6 +79,8 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
+from gnsrepro.kernels import sm_count
+
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
@@ -813,11 +815,6 @@ def _bwd_config(block_n: int, elem_size: int) -> _BwdConfig:
 
 
 @functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.cache
 def _has_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
@@ -831,8 +828,7 @@ def _pdl(device: torch.device) -> bool:
 def _target_programs(device: torch.device, progs_per_sm: int) -> int:
     if device.type != "cuda":
         return _CPU_TARGET_PROGRAMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _num_sms(index) * progs_per_sm
+    return sm_count(device) * progs_per_sm
 
 
 def _bwd_plan(num_ex: int, T: int, block_m: int, target: int) -> tuple[int, int, int, int, int, int]:

@@ -83,6 +83,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from gnsrepro.kernels import sm_count
+
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_TILE_ELEMENTS = 128 * 128  # BLOCK_L · BLOCK_K: two fp32 accumulators of this size per program
 
@@ -216,17 +218,12 @@ def _device_name(device_index: int | None) -> str:
     return torch.cuda.get_device_name(device_index)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _example_groups(B: int, n_tiles: int, device: torch.device) -> int:
     """How many groups to split the B examples into: the fewest that give about two programs per SM (1 on a
     CPU, where the interpreter runs the programs one after another)."""
     if device.type != "cuda" or B <= 1:
         return 1
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = 2 * sm_count(device)
     return max(1, min(B, math.ceil(target / n_tiles)))
 
 
