@@ -81,7 +81,11 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
                # call a model, each writing its own overheads-<model>.parquet and ln_backend.csv rows (record=true:
                # the LayerNorm backend rows auto reads) as it ends, so a device call cut short keeps the models done
                # (ROUNDS=1 holds one variant at a time, for the models whose variants do not fit the GPU together)
+               # each model's process with empty inductor and Triton caches: two calls of 2026-12-03 on a machine still
+               # warm from an earlier call hung in the second variant's build, and a fresh machine's (empty) did not
                for m in $(echo "${MODELS:-20M}" | tr , ' '); do
+                 cache=$(mktemp -d /tmp/gpu-session-cache.XXXX)
+                 TORCHINDUCTOR_CACHE_DIR=$cache/inductor TRITON_CACHE_DIR=$cache/triton \
                  run python3 -m gnsrepro bench overhead "models=[$m]" "micro_batch_sizes=[${MICROS:-16,64}]" \
                    compile=${COMPILE:-true} cuda_graphs=${GRAPHS:-true} steps=${STEPS:-30} rounds=${ROUNDS:-3} warmup=3 \
                    record=true out=$OUT/overheads-$m.parquet ${VARIANTS:+"variants=$VARIANTS"}
