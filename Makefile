@@ -16,9 +16,21 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
-test: install
+# The suite on WORKERS pytest-xdist processes (each with its share of torch threads: tests/conftest.py; worksteal evens
+# out the minute-long tests at the end); WORKERS=0 runs it in this one process. The runner lives in TEST_TOOLS, outside
+# the venv's site-packages, so that installing it leaves the pycode corpus (those site-packages' files) as it was.
+WORKERS    ?= 2
+TEST_TOOLS := $(VENV)/test-tools
+
+$(TEST_TOOLS)/.installed: requirements-test.lock $(VENV)/.installed
+	rm -rf $(TEST_TOOLS)
+	$(BIN)/python -m pip install -q --no-deps --target $(TEST_TOOLS) -r requirements-test.lock
+	@touch $@
+
+test: install $(TEST_TOOLS)/.installed
 	$(BIN)/ruff check gnsrepro tests benchmarks
-	$(BIN)/python -m pytest -q
+	PYTHONPATH=$(abspath $(TEST_TOOLS))$${PYTHONPATH:+:$$PYTHONPATH} \
+	  $(BIN)/python -m pytest -q $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist worksteal)
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu

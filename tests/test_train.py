@@ -352,7 +352,7 @@ def test_two_process_gloo_ddp_equals_one_process(data_dir, tmp_path):
     train(make_cfg(*tiny(data_dir, one, *args)))
     two = tmp_path / "two"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "gnsrepro", "train", *tiny(data_dir, two, *args)], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
