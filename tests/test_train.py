@@ -71,7 +71,8 @@ def test_every_experiment_and_scale_composes_and_runs_two_steps(choice, data_dir
     cfg = make_cfg(choice)
     validate(cfg)  # the real settings are valid
     # two CPU steps of the same recipe (its batch schedule too), shrunk to the tiny model
-    shrink = tiny(data_dir, tmp_path / "run", "max_steps=2", "compile=false", "data.name=pycode")
+    # (16 tokens a sequence: the recipe's batches of sequences are kept, each step's compute is halved)
+    shrink = tiny(data_dir, tmp_path / "run", "max_steps=2", "compile=false", "data.name=pycode", "seq_len=16")
     small = make_cfg(choice, *[o for o in shrink if not o.startswith("schedule.")])
     out = train(small)
     assert len(pd.read_parquet(out / "metrics.parquet")) == 2

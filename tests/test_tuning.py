@@ -62,8 +62,9 @@ def test_tuning_modes_try_every_configuration_on_a_stub_device(monkeypatch):
         df.loc[first][["block_m", "num_warps", "stages"]].tolist()
     dv = T.variants(sizes=(34,), dtypes=("bf16",), steps=1)
     assert len(dv) == 8 and set(dv.pdl) == {False, True} and K.PDL is True
-    # longer examples on more SMs: 8 chunks per example, so subgroups of 2 give the tail a middle level
-    monkeypatch.setattr(L, "SEQ", 256)
+    # longer examples on more SMs: 8 chunks per example, so subgroups of 2 give the tail a middle level; 128 rows
+    # per example are the fewest that make 8 chunks
+    monkeypatch.setattr(L, "SEQ", 128)  # 8 chunks of 16 rows (the launcher's 16 rows per tile at N = 34)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda d: SimpleNamespace(multi_processor_count=8, name="stub"))
     dv = T.variants(sizes=(34,), dtypes=("bf16",), steps=1, per_sms=(2,), subs=(0, 2, 8), pdls=(False,),
