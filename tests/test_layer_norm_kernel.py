@@ -158,7 +158,7 @@ def test_every_work_split_matches_reference(num_ex, T, N, block_m, target, mode,
 
     Where the knobs leave the launches (both plans, bias and not) those of a knob set earlier in
     WORK_SPLIT_KNOBS for the same shape (odd N: no pipelined loads; a group too small for subgroups), the
-    kernels would run the same launches on the same inputs: the plan is checked, the kernels are run there."""
+    kernels would run the same launches on the same inputs: the plan is checked here, the kernels run in that case."""
     assert K._bwd_plan(num_ex, T, block_m, target)[0] == mode
     shape = (num_ex, T, N) if T > 1 else (num_ex, N)
     launches = lambda t, d, st, su, r: [K._bwd_launch(num_ex, T, N, bias, target, block_m, 4, t, d, st, None, su, r)
