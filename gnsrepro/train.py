@@ -199,6 +199,10 @@ def build_step(model_cfg: ModelConfig, gns_cfg: GNSConfig, optim_cfg: OptimConfi
         torch.backends.cudnn.allow_tf32 = True
     raw_model, collector = build_model(model_cfg, gns_cfg, device, compile, micro_batch_size, cuda_graphs, dtype)
     optimizer = make_optimizer(raw_model, optim_cfg, device)
+    if compile:
+        from gnsrepro.kernels import brief_inductor_fallback_log
+
+        brief_inductor_fallback_log()  # else torch 2.11's inductor can hang on the custom ops' arguments
     model = torch.compile(raw_model) if compile else raw_model
     ddp = None
     if world_size > 1:
