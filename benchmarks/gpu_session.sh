@@ -98,8 +98,9 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
                  ${LAYERS:+--layers} --record ${COMMIT:+--commit $COMMIT}
                cp gnsrepro/kernels/linear_backend.csv "$OUT/linear_backend.csv" ;;
     head)      run python3 -m benchmarks.head_pegn --models ${MODELS:-20M,111M} --micro ${MICROS:-16} ;;  # the head's per-example path
-    profile)   # where a compiled step's time goes (SITUATIONS=MODEL:SEQ:MICRO:VARIANT,... GRAPHS=true: replayed from CUDA graphs)
-               run python3 -m benchmarks.profile_step ${SITUATIONS:+--situations $SITUATIONS} ${EAGER:+--eager} \
+    profile)   # where a compiled step's time goes (SITUATIONS=MODEL:SEQ:MICRO:VARIANT,... GRAPHS=true: replayed from CUDA graphs;
+               # EAGER=1: without torch.compile; HOST=30: also the host's 30 heaviest Python functions, by cProfile)
+               run python3 -m benchmarks.profile_step ${SITUATIONS:+--situations $SITUATIONS} ${EAGER:+--eager} ${HOST:+--host $HOST} \
                  $([ "${GRAPHS:-false}" = true ] && echo --cuda-graphs) \
                  --out $OUT/profile.csv --kernels-out $OUT/profile_kernels.csv ;;
     *) echo "unknown stage $stage"; status=1 ;;

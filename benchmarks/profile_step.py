@@ -4,7 +4,9 @@ For each situation (model, sequence length, micro-batch, gns variant) it builds 
 (gnsrepro.train.build_step / train_step, as `gnsrepro bench train` does), warms it up, then prints:
 - the step's wall time and the time the GPU spent in kernels, so launch-bound steps show as a gap;
 - the device time by kind of kernel (matmuls, attention, Triton-fused pointwise, optimizer, copies, ...);
-- the heaviest kernels by name.
+- the heaviest kernels by name;
+- with --host N, the host's N heaviest Python functions over the profiled steps (cProfile), for eager steps that
+  the GPU waits on.
 
     python -m benchmarks.profile_step --situations 20M:1024:16:off,20M:1024:16:all,111M:2048:16:off
 """
@@ -12,7 +14,10 @@ For each situation (model, sequence length, micro-batch, gns variant) it builds 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
+import pstats
 import re
 import statistics
 import time
@@ -60,8 +65,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def print_host_profile(step, steps: int, device: torch.device, top: int, situation: str) -> None:
+    """The host's side of `steps` steps: cProfile's heaviest `top` functions by their own time, then by their
+    cumulative time (where an eager step's Python and dispatch time goes when the GPU waits for the host)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    prof.disable()
+    for order in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats(order).print_stats(top)
+        body = out.getvalue()
+        print(f"\n--- host profile of {situation}, {steps} steps, by {order} ---")
+        print(body[body.find("ncalls"):].rstrip())
+
+
 def profile(model: str, seq_len: int, micro: int, variant: str, steps: int, compile: bool,
-            device: torch.device, graphs: bool = False) -> dict:
+            device: torch.device, graphs: bool = False, host: int = 0) -> dict:
     mode, method, backend, linear_backend = VARIANTS[variant]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -87,6 +109,8 @@ def profile(model: str, seq_len: int, micro: int, variant: str, steps: int, comp
         _sync(device)
         wall.append(time.perf_counter() - t0)
         drain()
+    if host:
+        print_host_profile(step, steps, device, host, f"{model}:{seq_len}:{micro}:{variant}")
     on_gpu = device.type == "cuda"
     activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[activity]) as prof:
@@ -130,6 +154,8 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="without torch.compile")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cuda-graphs", action="store_true", help="replay each step from a CUDA graph")
+    ap.add_argument("--host", type=int, default=0, metavar="N",
+                    help="also cProfile the host over the profiled steps and print its N heaviest functions")
     ap.add_argument("--out", default=None, help="CSV of the step and kernel times")
     ap.add_argument("--kernels-out", default=None,
                     help="CSV of every kernel's device time (us a step) and launches a step, per situation: to diff "
@@ -139,7 +165,7 @@ def main() -> None:
     for s in a.situations.split(","):
         model, seq, micro, variant = s.split(":")
         result, per_kernel = profile(model, int(seq), int(micro), variant, a.steps, not a.eager,
-                                     torch.device(a.device), a.cuda_graphs)
+                                     torch.device(a.device), a.cuda_graphs, a.host)
         results.append(result)
         kernels.append(per_kernel)
         gc.collect()  # this situation's model and compiled graphs, before the next one
