@@ -1208,7 +1208,8 @@ def layer_norm_per_example(
     and writes the gradients of x and residual in their own dtypes (the transformer block's
     ``s = x + branch(...)`` followed by a LayerNorm, as fused LayerNorm libraries and inductor do).
     Without a residual, returns y.
-    Eager calls go through a torch.autograd.Function; under torch.compile through the custom ops.
+    Eager calls go through a torch.autograd.Function; under torch.compile through the custom ops (with torch
+    2.11, call gnsrepro.kernels.brief_inductor_fallback_log() before compiling a deep model: its docstring says why).
     """
     if sink is not None:
         k = 2 if bias is not None else 1
