@@ -83,6 +83,8 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
                # (ROUNDS=1 holds one variant at a time, for the models whose variants do not fit the GPU together)
                # each model's process with empty inductor and Triton caches: two calls of 2026-12-03 on a machine still
                # warm from an earlier call hung in the second variant's build, and a fresh machine's (empty) did not
+               # (probably torch 2.11's fallback log line, since bounded: docs/benchmarks.md, "A compiled run that never
+               # started its first step")
                for m in $(echo "${MODELS:-20M}" | tr , ' '); do
                  cache=$(mktemp -d /tmp/gpu-session-cache.XXXX)
                  TORCHINDUCTOR_CACHE_DIR=$cache/inductor TRITON_CACHE_DIR=$cache/triton \
