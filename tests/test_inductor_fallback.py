@@ -33,6 +33,16 @@ def test_message_names_arguments_without_str(brief_log):
     assert "args[4]: [1, 2.5]" in msg and "kwargs: {eps: 1e-05}" in msg
 
 
+def _compiled_fallback_lines(compiled, args, caplog):
+    """(compiled(*args), inductor's "Creating implicit fallback" lines), compiled afresh with its log at INFO (so that
+    the line is built, as torch 2.11 builds it at any level) and without the FX graph cache (a cached graph skips the
+    lowering)."""
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), caplog.at_level(logging.INFO, "torch._inductor.graph"):
+        out = compiled(*args)
+    return out, [r.getMessage() for r in caplog.records if "Creating implicit fallback for" in r.getMessage()]
+
+
 @torch.library.custom_op("gnsrepro_test::scaled", mutates_args=())
 def _scaled(x: torch.Tensor, s: float) -> torch.Tensor:
     return x * s
@@ -53,13 +63,9 @@ def test_compiled_custom_op_logs_buffer_names(brief_log, caplog):
             y = torch.sin(y) * 1.5 + y * 0.25 + k  # a long pointwise chain ahead of the op
         return torch.ops.gnsrepro_test.scaled(y, 2.0) + 1.0
 
-    torch._dynamo.reset()
     x = torch.randn(5, 7)
-    no_cache = torch._inductor.config.patch(fx_graph_cache=False)  # a cached graph skips the lowering
-    with no_cache, caplog.at_level(logging.INFO, logger="torch._inductor.graph"):
-        got = torch.compile(f, backend="inductor", fullgraph=True)(x)
+    got, lines = _compiled_fallback_lines(torch.compile(f, backend="inductor", fullgraph=True), (x,), caplog)
     torch.testing.assert_close(got, f(x))
-    lines = [r.getMessage() for r in caplog.records if "Creating implicit fallback for" in r.getMessage()]
     assert lines, "inductor did not log the fallback"
     assert "gnsrepro_test.scaled" in lines[0]
     assert "  args[0]: TensorBox(torch.float32, size=[5, 7])\n" in lines[0]  # not yet a buffer: no name
@@ -68,7 +74,7 @@ def test_compiled_custom_op_logs_buffer_names(brief_log, caplog):
 
 def _fallback_messages(model_cfg, caplog) -> list[str]:
     """The fallback lines inductor logs compiling a GPT's forward with the Triton LayerNorm and loss (on a CPU
-    through Triton's interpreter, tests/conftest.py), each formatted as torch 2.11 formats it, log level or not."""
+    through Triton's interpreter, tests/conftest.py)."""
     from gnsrepro.config import GNSConfig
     from gnsrepro.train import build_model
 
@@ -76,11 +82,7 @@ def _fallback_messages(model_cfg, caplog) -> list[str]:
     model, collector = build_model(model_cfg, GNSConfig(mode="ln", ln_backend="triton"), torch.device("cpu"))
     collector.attach(2)
     idx = torch.randint(0, model_cfg.vocab_size, (2, 16))
-    torch._dynamo.reset()
-    no_cache = torch._inductor.config.patch(fx_graph_cache=False)
-    with no_cache, caplog.at_level(logging.INFO, logger="torch._inductor.graph"):
-        torch.compile(model)(idx, idx)
-    return [r.getMessage() for r in caplog.records if "Creating implicit fallback for" in r.getMessage()]
+    return _compiled_fallback_lines(torch.compile(model), (idx, idx), caplog)[1]
 
 
 def test_gpt_with_triton_layernorm_and_loss_compiles_with_short_messages(brief_log, caplog):
