@@ -95,9 +95,10 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
                done ;;
     attention) run python3 -m benchmarks.attention_kernels --models ${MODELS:-20M,111M,1.3B} --micro ${MICROS:-16} ;;
     pegtiles)  # the per-example Linear kernel's tiles and backend per shape, recorded into gnsrepro/kernels/linear_backend.csv
-               # (gns.linear_backend=auto reads it; COMMIT=<hash> names the code, as the device copy's git metadata may be stale)
+               # (gns.linear_backend=auto reads it; COMMIT=<hash> names the code, as the device copy's git metadata may be stale;
+               # LAYERS=1: the Linear layers' shapes too, RECORD_LAYERS=1: and their rows recorded)
                run python3 -m benchmarks.tuning.per_example_grad --models ${MODELS:-20M,40M,111M} --micro ${MICROS:-16} \
-                 ${LAYERS:+--layers} --record ${COMMIT:+--commit $COMMIT}
+                 ${LAYERS:+--layers} ${RECORD_LAYERS:+--record-layers} --record ${COMMIT:+--commit $COMMIT}
                cp gnsrepro/kernels/linear_backend.csv "$OUT/linear_backend.csv" ;;
     head)      run python3 -m benchmarks.head_pegn --models ${MODELS:-20M,111M} --micro ${MICROS:-16} ;;  # the head's per-example path
     profile)   # where a compiled step's time goes (SITUATIONS=MODEL:SEQ:MICRO:VARIANT,... GRAPHS=true: replayed from CUDA graphs;

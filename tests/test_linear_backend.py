@@ -136,6 +136,18 @@ def test_the_tuning_tools_candidates_fit_and_include_the_heuristic():
                                          (256, 1024, False), (1024, 256, False)]
 
 
+@pytest.mark.parametrize("argv", [["--record-layers"], ["--record", "--record-layers"], ["--layers", "--record-layers"]])
+def test_the_tuning_tool_records_layers_only_when_it_tunes_and_records_them(argv):
+    """--record-layers without --record and --layers is refused before any work (no GPU needed to see it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.tuning.per_example_grad", *argv],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--record-layers needs --record and --layers" in done.stderr
+
+
 @pytest.mark.gpu
 def test_gpu_auto_builds_what_the_table_says():
     """On the GPU, a model of gns.linear_backend=auto in bf16 is built with each shape's recorded choice."""

@@ -1,6 +1,7 @@
 """The per-example weight-gradient kernel's tiles and backend, per Linear shape (a tuning tool, not a feature).
 
     python -m benchmarks.tuning.per_example_grad [--models 20M,40M,111M] [--micro 16] [--layers] [--record]
+        [--record-layers]
 
 For each model's tied head (and with --layers its four Linear shapes), bf16 inputs of the shape x (B, T, K),
 dy (B, T, L) at B = --micro and T = the model's block size, it times, each call replayed from a CUDA graph as
@@ -12,8 +13,12 @@ the training step is (gnsrepro.benchmarks.layernorm's capture and time_us):
            matches the torch path's (dW, |G_b|² and the head's rows to 1e-3); for the head, the kernel that copies
            the rows out of its tiles (weight_grad_sqnorms_and_rows), as pegn runs it
 and prints each. --record writes one row per tied head into gnsrepro/kernels/linear_backend.csv (the faster
-backend and the fastest tiles; --layers' shapes are printed, not recorded): the measurements
-gns.linear_backend=auto and the kernel's launcher read (gnsrepro.kernels.linear_backend).
+backend and the fastest tiles): the measurements gns.linear_backend=auto and the kernel's launcher read
+(gnsrepro.kernels.linear_backend). --layers' shapes are printed, and recorded only with --record-layers: at 20M and
+40M the kernel beat the PyTorch path at every small layer alone and still made the whole compiled step slower
+(docs/benchmarks.md, "The per-shape Linear backend"), so a layer's row belongs in the table only for a model whose
+whole step was measured faster with its layers on the kernel (`gnsrepro bench overhead`, variant "all triton
+linear").
 """
 
 from __future__ import annotations
@@ -142,9 +147,14 @@ def main() -> None:
     ap.add_argument("--models", default="20M,40M,111M")
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--layers", action="store_true", help="the models' Linear layers too, not only the tied head")
-    ap.add_argument("--record", action="store_true", help="write the rows into gnsrepro/kernels/linear_backend.csv")
+    ap.add_argument("--record", action="store_true", help="write the tied heads' rows into gnsrepro/kernels/linear_backend.csv")
+    ap.add_argument("--record-layers", action="store_true",
+                    help="with --record and --layers, the Linear layers' rows too (for a model whose whole step was "
+                         "measured faster with its layers on the kernel)")
     ap.add_argument("--commit", default=None, help="the code's commit for the recorded rows (default: git's)")
     a = ap.parse_args()
+    if a.record_layers and not (a.record and a.layers):
+        ap.error("--record-layers needs --record and --layers")
     device = torch.cuda.get_device_name()
     print(f"{device} | torch {torch.__version__}", flush=True)
     day = datetime.date.today().isoformat()
@@ -164,10 +174,9 @@ def main() -> None:
             row = tune_shape(a.micro, T, K, L, tied, f"{name} {'head' if tied else 'linear'}")
             rows.append({"device": device, "dtype": "bfloat16", **row, "date": day, "commit": a.commit,
                          "command": command})
-            # each shape as it is done, so a call cut short keeps the shapes finished; the tied heads only: the small
-            # Linear layers' kernel, faster alone, made the whole compiled step slower (docs/benchmarks.md, "The
-            # per-shape Linear backend"), so their rows would mislead auto
-            if a.record and tied:
+            # each shape as it is done, so a call cut short keeps the shapes finished; the layers only when asked
+            # (the module docstring: a small layer's isolated time misleads auto)
+            if a.record and (tied or a.record_layers):
                 from gnsrepro.kernels.linear_backend import record_linear_backend
 
                 record_linear_backend([rows[-1]])
