@@ -21,7 +21,7 @@ import argparse
 import gc
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pandas as pd
 import torch

@@ -136,7 +136,8 @@ def test_the_tuning_tools_candidates_fit_and_include_the_heuristic():
                                          (256, 1024, False), (1024, 256, False)]
 
 
-@pytest.mark.parametrize("argv", [["--record-layers"], ["--record", "--record-layers"], ["--layers", "--record-layers"]])
+@pytest.mark.parametrize("argv", [["--record-layers"], ["--record", "--record-layers"],
+                                  ["--layers", "--record-layers"]])
 def test_the_tuning_tool_records_layers_only_when_it_tunes_and_records_them(argv):
     """--record-layers without --record and --layers is refused before any work (no GPU needed to see it)."""
     import subprocess

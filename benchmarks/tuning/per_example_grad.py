@@ -147,7 +147,8 @@ def main() -> None:
     ap.add_argument("--models", default="20M,40M,111M")
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--layers", action="store_true", help="the models' Linear layers too, not only the tied head")
-    ap.add_argument("--record", action="store_true", help="write the tied heads' rows into gnsrepro/kernels/linear_backend.csv")
+    ap.add_argument("--record", action="store_true",
+                    help="write the tied heads' rows into gnsrepro/kernels/linear_backend.csv")
     ap.add_argument("--record-layers", action="store_true",
                     help="with --record and --layers, the Linear layers' rows too (for a model whose whole step was "
                          "measured faster with its layers on the kernel)")
