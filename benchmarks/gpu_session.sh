@@ -107,7 +107,7 @@ OmegaConf.load('conf/plan/small.yaml').parts if q.name == '$p'))") || { echo "no
                  $([ "${GRAPHS:-false}" = true ] && echo --cuda-graphs) \
                  --out $OUT/profile.csv --kernels-out $OUT/profile_kernels.csv ;;
     plain)     # gnsrepro's untracked step against a plain nanoGPT-shaped one, interleaved (SITUATIONS=MODEL:SEQ:MICRO,...
-               # VARIANTS="gnsrepro,plain,plain graphed" ROUNDS STEPS)
+               # VARIANTS="gnsrepro,gnsrepro coordinate descent,plain,plain graphed" ROUNDS STEPS)
                run python3 -m benchmarks.plain_gpt ${SITUATIONS:+--situations $SITUATIONS} ${VARIANTS:+--variants "$VARIANTS"} \
                  --rounds ${ROUNDS:-3} --steps ${STEPS:-20} --out $OUT/plain_gpt.csv ;;
     *) echo "unknown stage $stage"; status=1 ;;

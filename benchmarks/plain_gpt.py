@@ -9,6 +9,9 @@ gnsrepro.model.GPT of the same conf/model (checked in tests/test_plain_gpt.py), 
 serves both and the MFUs compare directly. Variants, each timed `--steps` steps a round, in turn, `--rounds` rounds:
 - gnsrepro: `build_step` with gns=off, as `gnsrepro train` runs it on one GPU (compiled, cuDNN attention, the fused
   loss, CUDA graphs: `--graphs both` also times it without them);
+- gnsrepro coordinate descent: the same with inductor's coordinate-descent tuning of its generated kernels
+  (`torch._inductor.config.coordinate_descent_tuning`: each pointwise and reduction kernel's launch settings tried
+  on the GPU at compile time), a candidate for the step's bandwidth-bound kernels (the LayerNorms, the GELU);
 - plain: the nanoGPT step above;
 - plain graphed: the same model compiled with mode="reduce-overhead" (PyTorch's own CUDA graphs).
 
@@ -28,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch._inductor import config as inductor_config
 
 from gnsrepro.config import GNSConfig, ModelConfig, OptimConfig, named_model
 from gnsrepro.train import build_step, peak_flops
@@ -102,6 +106,10 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+VARIANTS = ("gnsrepro", "gnsrepro no graphs", "gnsrepro coordinate descent", "plain", "plain graphed")
+INDUCTOR_OPTIONS = {"gnsrepro coordinate descent": {"coordinate_descent_tuning": True}}  # per variant, at compile
+
+
 def model_config(name: str) -> ModelConfig:
     return OmegaConf.to_object(named_model(name, setting="--situations"))
 
@@ -166,8 +174,10 @@ def compare(model: str, seq_len: int, micro: int, variants: list[str], steps: in
     torch.manual_seed(0)
     x = torch.randint(0, 50257 if config.vocab_size > 50257 else config.vocab_size, (micro, seq_len), device=device)
     y = torch.roll(x, -1, dims=1)
+    graphs = device.type == "cuda"
     builders = {
-        "gnsrepro": lambda: ours_step(config, device, dtype, micro, compile, graphs=device.type == "cuda"),
+        "gnsrepro": lambda: ours_step(config, device, dtype, micro, compile, graphs=graphs),
+        "gnsrepro coordinate descent": lambda: ours_step(config, device, dtype, micro, compile, graphs=graphs),
         "gnsrepro no graphs": lambda: ours_step(config, device, dtype, micro, compile, graphs=False),
         "plain": lambda: plain_step(config, device, dtype, "default" if compile else None),
         "plain graphed": lambda: plain_step(config, device, dtype, "reduce-overhead" if compile else None),
@@ -175,10 +185,12 @@ def compare(model: str, seq_len: int, micro: int, variants: list[str], steps: in
     built = {}
     for name in variants:
         t0 = time.perf_counter()
-        built[name] = builders[name]()
-        for _ in range(warmup):
-            built[name](x, y)
-        _sync(device)
+        # inductor reads its config when it compiles, at the first calls: the warm-up is inside the patch
+        with inductor_config.patch(INDUCTOR_OPTIONS.get(name, {})):
+            built[name] = builders[name]()
+            for _ in range(warmup):
+                built[name](x, y)
+            _sync(device)
         print(f"  {model}:{seq_len}:{micro} {name}: built and warmed up in {time.perf_counter() - t0:.0f} s",
               flush=True)
     times = {name: [] for name in variants}
@@ -214,7 +226,7 @@ def main() -> None:
     ap.add_argument("--situations", default="20M:1024:16,20M:1024:64,111M:2048:8,111M:2048:16",
                     help="comma list of MODEL:SEQ_LEN:MICRO_BATCH")
     ap.add_argument("--variants", default="gnsrepro,gnsrepro no graphs,plain,plain graphed",
-                    help="comma list of: gnsrepro, gnsrepro no graphs, plain, plain graphed")
+                    help="comma list of: " + ", ".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=20, help="timed steps a variant a round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
@@ -223,9 +235,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="CSV of the rows")
     a = ap.parse_args()
     variants = [v.strip() for v in a.variants.split(",")]
-    known = {"gnsrepro", "gnsrepro no graphs", "plain", "plain graphed"}
-    if unknown := [v for v in variants if v not in known]:
-        ap.error(f"unknown variant(s) {unknown}; accepted: {', '.join(sorted(known))}")
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        ap.error(f"unknown variant(s) {unknown}; accepted: {', '.join(VARIANTS)}")
     device = torch.device(a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name} | torch {torch.__version__} | {a.rounds} rounds of {a.steps} steps a variant", flush=True)

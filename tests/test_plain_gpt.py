@@ -57,6 +57,34 @@ def test_compare_times_each_variant_interleaved_on_a_cpu():
     assert ours_flops_per_token(c, 16) == GPT(gpt_config(c)).flops_per_token(16)
 
 
+def test_coordinate_descent_variant_compiles_under_its_inductor_option(monkeypatch):
+    """The option is set while the variant is built and warmed up (when inductor compiles), and only then."""
+    from torch._inductor import config as inductor_config
+
+    import benchmarks.plain_gpt as P
+
+    seen = []
+    real = P.ours_step
+
+    def recording(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(x, y):
+            seen.append(inductor_config.coordinate_descent_tuning)
+            return step(x, y)
+
+        wrapped.model = step.model
+        return wrapped
+
+    monkeypatch.setattr(P, "ours_step", recording)
+    before = inductor_config.coordinate_descent_tuning
+    compare("tiny", 16, 2, ["gnsrepro no graphs", "gnsrepro coordinate descent"], steps=1, rounds=1, warmup=2,
+            device=torch.device("cpu"), compile=False)
+    # warm-up calls: 2 without the option, 2 with it; then the timed calls, outside any patch
+    assert seen[:4] == [before, before, True, True] and seen[4:] == [before, before]
+    assert inductor_config.coordinate_descent_tuning == before
+
+
 def test_command_line_writes_its_table(tmp_path):
     out = tmp_path / "plain.csv"
     done = subprocess.run([sys.executable, "-m", "benchmarks.plain_gpt", "--situations", "tiny:16:2", "--device", "cpu",
