@@ -214,8 +214,7 @@ def compare(model: str, seq_len: int, micro: int, variants: list[str], steps: in
 
 def ours_flops_per_token(config: ModelConfig, seq_len: int) -> int:
     """GPT.flops_per_token of this shape (the plain model has the same matrices)."""
-    from gnsrepro.model import GPT
-    from gnsrepro.train import gpt_config
+    from gnsrepro.model import GPT, gpt_config
 
     with torch.device("meta"):
         return GPT(gpt_config(config)).flops_per_token(seq_len)

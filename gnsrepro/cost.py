@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from gnsrepro.model import GPT, GPTConfig
+from gnsrepro.model import GPT, GPTConfig, gpt_config
 
 FP32_BYTES = 4  # per-example norms and LayerNorm statistics are kept in fp32
 
@@ -207,14 +207,6 @@ def seq_len_sweep(
     return pd.DataFrame(rows)
 
 
-def _gpt_config(model_cfg) -> GPTConfig:
-    return GPTConfig(
-        block_size=model_cfg.block_size, vocab_size=model_cfg.vocab_size, n_layer=model_cfg.n_layer,
-        n_head=model_cfg.n_head, n_embd=model_cfg.n_embd, dropout=model_cfg.dropout, bias=model_cfg.bias,
-        cosine_attn_blocks=tuple(model_cfg.cosine_attn_blocks),
-    )
-
-
 def run_cost(cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`gnsrepro cost model=111M seq_len=2048`: print the cost table and the seq_len sweep, return both."""
     from gnsrepro.errors import ConfigError
@@ -224,7 +216,7 @@ def run_cost(cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
     for key, value in sizes.items():
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value}")
-    config = _gpt_config(cfg.model)
+    config = gpt_config(cfg.model)
     table = model_costs(config, seq_len, cfg.batch_size, cfg.bytes_per_element)
     sweep = seq_len_sweep(config, batch_size=cfg.batch_size, bytes_per_element=cfg.bytes_per_element)
 

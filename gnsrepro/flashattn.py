@@ -333,8 +333,7 @@ def _kept(plan: _Plan) -> pd.DataFrame | None:
 def _build(model_cfg, attention: str, state: dict, device: torch.device):
     import dataclasses
 
-    from gnsrepro.model import GPT
-    from gnsrepro.train import gpt_config
+    from gnsrepro.model import GPT, gpt_config
 
     with torch.device("meta"):  # the weights are loaded next: skip the init's random draws
         model = GPT(dataclasses.replace(gpt_config(model_cfg), attention=attention))
@@ -344,8 +343,7 @@ def _build(model_cfg, attention: str, state: dict, device: torch.device):
 
 
 def _init_state(model_cfg, seed: int) -> dict:
-    from gnsrepro.model import GPT
-    from gnsrepro.train import gpt_config
+    from gnsrepro.model import GPT, gpt_config
 
     torch.manual_seed(seed)
     return {k: v.clone() for k, v in GPT(gpt_config(model_cfg)).state_dict().items()}

@@ -210,6 +210,14 @@ class GPTConfig:
     loss_kernel: str = "auto"
 
 
+def gpt_config(m) -> GPTConfig:
+    """The GPTConfig of a model config: a gnsrepro.config.ModelConfig or the `model` node of a Hydra config (the
+    same field names)."""
+    return GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
+                     n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, cosine_attn_blocks=tuple(m.cosine_attn_blocks),
+                     attention=m.attention, sdpa_backend=m.sdpa_backend, loss_kernel=m.loss_kernel)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, layers: Layers = Layers()):
         super().__init__()

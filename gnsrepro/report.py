@@ -187,9 +187,10 @@ def kernel_numbers(table: str | os.PathLike) -> dict:
 def cost_numbers(model: str, seq_len: int) -> dict:
     """Claim 1: the methods' extra FLOPs as a fraction of the model's forward+backward (gnsrepro.cost)."""
     from gnsrepro.config import named_model
-    from gnsrepro.cost import _gpt_config, model_costs
+    from gnsrepro.cost import model_costs
+    from gnsrepro.model import gpt_config
 
-    costs = model_costs(_gpt_config(named_model(model, setting="cost_model")), seq_len)
+    costs = model_costs(gpt_config(named_model(model, setting="cost_model")), seq_len)
     return {m: float(costs.loc[m, "extra_flops_fraction"]) for m in ("simultaneous", "ghost", "layernorm_only")}
 
 

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from gnsrepro.config import GNSConfig, ModelConfig, OptimConfig, TrainConfig
 from gnsrepro.errors import ConfigError
 from gnsrepro.logs import RunLogger, fmt_count
-from gnsrepro.model import GPT, GPTConfig, Layers
+from gnsrepro.model import GPT, Layers, gpt_config
 from gnsrepro.schedule import GNSBatch, build_schedule, lr_multiplier
 from gnsrepro.settings import resume_settings, validate
 
@@ -43,12 +43,6 @@ RUN_FILES = ("config.yaml", "metrics.parquet", "gns.parquet", "ckpt.pt")  # any 
 
 
 # ---- building blocks (shared with the benchmarks) ---------------------------------------------------
-def gpt_config(m: ModelConfig) -> GPTConfig:
-    return GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
-                     n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, cosine_attn_blocks=tuple(m.cosine_attn_blocks),
-                     attention=m.attention, sdpa_backend=m.sdpa_backend, loss_kernel=m.loss_kernel)
-
-
 def ln_backend_choice(g: GNSConfig, device: torch.device, n_embd: int | None = None, compile: bool = False,
                       micro_batch_size: int | None = None, cuda_graphs: bool = False) -> tuple[str, str]:
     """(backend, why): gns.ln_backend as set, or for auto torch on a CPU and on CUDA the backend measured faster

@@ -328,9 +328,8 @@ def check_settings(cfg) -> _Plan:
 
     from gnsrepro.config import DataConfig
     from gnsrepro.data.prepare import check_prepared_settings, data_identity, dataset_dir, prepare_command
-    from gnsrepro.model import GPT
+    from gnsrepro.model import GPT, gpt_config
     from gnsrepro.runs import check_run_dir
-    from gnsrepro.train import gpt_config
 
     if cfg.run is None or str(cfg.run) == "":
         raise ConfigError("run= is not set; give the run directory of a `gnsrepro train` run: run=DIR")
@@ -404,8 +403,7 @@ def check_settings(cfg) -> _Plan:
 
 def _model_at(plan: _Plan, point: str):
     """(the run's GPT at `point` on the plan's device, float32, eval mode; step; tokens)."""
-    from gnsrepro.model import GPT
-    from gnsrepro.train import gpt_config
+    from gnsrepro.model import GPT, gpt_config
 
     torch.manual_seed(plan.run_cfg.seed)  # as gnsrepro.train.open_run before it builds the model
     model = GPT(gpt_config(plan.run_cfg.model))

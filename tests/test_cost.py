@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from gnsrepro.config import ModelConfig
 from gnsrepro.cost import (
     METHODS,
     choose_linear_method,
@@ -103,8 +104,8 @@ def test_model_costs_use_the_model_flops_per_token():
 
 
 def cost_cfg(**overrides):
-    model = SimpleNamespace(name="111M", n_layer=10, n_head=12, n_embd=768, block_size=2048, vocab_size=50304,
-                            bias=True, dropout=0.0, cosine_attn_blocks=[0])
+    model = ModelConfig(name="111M", n_layer=10, n_head=12, n_embd=768, block_size=2048, vocab_size=50304,
+                        bias=True, dropout=0.0, cosine_attn_blocks=[0])  # as the CLI's `model` node
     return SimpleNamespace(**{"model": model, "seq_len": None, "batch_size": 1, "bytes_per_element": 2, **overrides})
 
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from benchmarks.plain_gpt import PlainGPT, compare, model_config, ours_flops_per_token
-from gnsrepro.model import GPT
-from gnsrepro.train import gpt_config
+from gnsrepro.model import GPT, gpt_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,10 +24,9 @@ COLOURS = {"simultaneous": "tab:blue", "ghost": "tab:red", "layernorm_only": "ta
 
 def _gpt_config(model):
     """A GPTConfig from a GPTConfig or a model config (ModelConfig, or the `model` node of a Hydra config)."""
-    from gnsrepro.cost import _gpt_config
-    from gnsrepro.model import GPTConfig
+    from gnsrepro.model import GPTConfig, gpt_config
 
-    return model if isinstance(model, GPTConfig) else _gpt_config(model)
+    return model if isinstance(model, GPTConfig) else gpt_config(model)
 
 
 def table1_markdown(table: pd.DataFrame, caption: str) -> str:
