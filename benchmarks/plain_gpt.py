@@ -30,10 +30,10 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch._inductor import config as inductor_config
 
-from gnsrepro.config import GNSConfig, ModelConfig, OptimConfig, named_model
+from benchmarks.profile_step import model_config
+from gnsrepro.config import GNSConfig, ModelConfig, OptimConfig
 from gnsrepro.train import build_step, peak_flops
 from gnsrepro.train import step as gnsrepro_step
 
@@ -108,10 +108,6 @@ class PlainGPT(nn.Module):
 
 VARIANTS = ("gnsrepro", "gnsrepro no graphs", "gnsrepro coordinate descent", "plain", "plain graphed")
 INDUCTOR_OPTIONS = {"gnsrepro coordinate descent": {"coordinate_descent_tuning": True}}  # per variant, at compile
-
-
-def model_config(name: str) -> ModelConfig:
-    return OmegaConf.to_object(named_model(name, setting="--situations"))
 
 
 def plain_step(config: ModelConfig, device: torch.device, dtype: torch.dtype, mode: str | None) -> Callable:
